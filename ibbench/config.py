@@ -47,6 +47,7 @@ class RunConfig:
     dropconnect: float = 0.5  # weight-drop rate of the ce_dropconnect head (Wan et al., 2013)
     augment: bool = True  # pad-4 crop + flip on 32×32 images (ignored for other sizes), the CIFAR standard
     seed: int = 0  # seeds torch, numpy, Python, the loader and any data split
+    probe_width: int = 1024  # width of the ResFC fitted on test latents for H[Y|Z]; the paper's 1024
     eval_every: int = 5  # epochs between evaluations (decoders, information plane): they cost ~an epoch
     fgsm_eps: tuple[float, ...] = PAPER_FGSM_EPS  # L∞ radii in [0, 1] pixel units for the final robustness curve
     pgd_steps: int = 0  # > 0 also runs PGD with this many steps at the same radii
@@ -109,6 +110,7 @@ class RunConfig:
             "epochs": self.epochs,
             "batch_size": self.batch_size,
             "eval_every": self.eval_every,
+            "probe_width": self.probe_width,
         }
         for name, value in positive.items():
             if value < 1:

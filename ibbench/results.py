@@ -1,0 +1,225 @@
+"""The run directory format: identity, atomic writers, state, and loaders into pandas DataFrames.
+
+<out>/<sweep>/<run_id>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, DONE}. Everything that asks
+"what happened to this run" (skip, resume, status, reports) reads these files and nothing else.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from ibbench.config import RunConfig
+
+log = logging.getLogger(__name__)
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+SUMMARY = "summary.json"
+CHECKPOINT = "checkpoint.pt"
+DONE = "DONE"
+
+# Fields that say where a run executes, not what it computes: two machines running the same experiment must
+# share one run directory, so these stay out of the run's identity.
+PLACEMENT_FIELDS = ("data_dir", "download", "device")
+
+STATES = ("done", "failed", "incomplete", "new")
+
+
+def canonical_json(cfg: RunConfig) -> str:
+    """The identity of a run: its config minus placement fields, as sorted compact JSON."""
+    values = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS}
+    return json.dumps(values, sort_keys=True, separators=(",", ":"))
+
+
+def run_id(cfg: RunConfig) -> str:
+    """First 12 hex digits of sha256 of the canonical config JSON."""
+    return hashlib.sha256(canonical_json(cfg).encode()).hexdigest()[:12]
+
+
+def _jsonable(value: Any) -> Any:
+    """NaN/inf as null, so the files stay strict JSON that any tool reads."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(Path(path), (json.dumps(_jsonable(value), indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def write_config(run_dir: Path, cfg: RunConfig) -> None:
+    """config.json; a directory that already holds a different config is refused (ids must not collide)."""
+    path = Path(run_dir) / CONFIG
+    if path.exists():
+        existing = read_json(path)
+        if canonical_json(RunConfig.from_dict(existing, str(path))) != canonical_json(cfg):
+            raise ValueError(f"{path} holds a different run's config; refusing to mix two runs in one folder")
+    write_json(path, cfg.to_dict())
+
+
+def read_config(run_dir: Path) -> RunConfig:
+    path = Path(run_dir) / CONFIG
+    return RunConfig.from_dict(read_json(path), str(path))
+
+
+def append_metrics(run_dir: Path, row: Mapping[str, Any]) -> None:
+    """One line of metrics.jsonl, flushed to disk before returning."""
+    path = Path(run_dir) / METRICS
+    with path.open("a") as f:
+        f.write(json.dumps(_jsonable(row), sort_keys=True) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of metrics.jsonl; a torn last line (the process died mid-write) is skipped."""
+    path = Path(run_dir) / METRICS
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s:%d: skipping an unreadable line (a write cut short?)", path, number)
+    return rows
+
+
+def truncate_metrics(run_dir: Path, last_epoch: int) -> None:
+    """Keep only rows up to last_epoch: a resumed run recomputes what came after its checkpoint."""
+    rows = [r for r in read_metrics(run_dir) if int(r.get("epoch", 0)) <= last_epoch]
+    atomic_write_bytes(Path(run_dir) / METRICS, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode())
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> None:
+    write_json(Path(run_dir) / SUMMARY, summary)
+
+
+def read_summary(run_dir: Path) -> dict[str, Any] | None:
+    path = Path(run_dir) / SUMMARY
+    try:
+        return read_json(path)
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def mark_done(run_dir: Path) -> None:
+    """DONE, written last: its presence means every other file of the run is complete."""
+    atomic_write_bytes(Path(run_dir) / DONE, b"")
+
+
+def run_state(run_dir: Path) -> str:
+    """done (DONE exists), failed (summary says so), incomplete (started), or new."""
+    run_dir = Path(run_dir)
+    if (run_dir / DONE).exists():
+        return "done"
+    summary = read_summary(run_dir)
+    if summary is not None and summary.get("status") == "failed":
+        return "failed"
+    if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
+        return "incomplete"
+    return "new"
+
+
+def clear_failure(run_dir: Path) -> None:
+    """Forget a failed run's summary so it can be retried (its checkpoint, if any, is kept to resume from)."""
+    (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
+
+
+def iter_run_dirs(root: Path) -> Iterator[Path]:
+    """Run directories (holding config.json) below root, or root itself; scratch folders starting '.' skipped."""
+    root = Path(root)
+    if (root / CONFIG).exists():
+        yield root
+        return
+    if not root.is_dir():
+        return
+    for child in sorted(root.iterdir()):
+        if child.is_dir() and not child.name.startswith("."):
+            yield from iter_run_dirs(child)
+
+
+def _run_row(run_dir: Path) -> dict[str, Any]:
+    row: dict[str, Any] = {"run_id": run_dir.name, "sweep": run_dir.parent.name, "path": str(run_dir)}
+    try:
+        row.update(read_json(run_dir / CONFIG))
+    except (OSError, json.JSONDecodeError) as exc:
+        row["reason"] = f"unreadable config.json: {exc}"
+    state = run_state(run_dir)
+    row["status"] = state
+    summary = read_summary(run_dir) or {}
+    if state == "done":
+        row.update({k: v for k, v in (summary.get("final") or {}).items() if k not in ("run_id", "epoch")})
+    elif state == "incomplete":
+        metrics = read_metrics(run_dir)
+        row["epochs_done"] = max((int(m.get("epoch", 0)) for m in metrics), default=0)
+    for key in ("reason", "wall_time", "epochs_done"):
+        if key in summary:
+            row[key] = summary[key]
+    for decoder, curve in (summary.get("robustness") or {}).items():
+        for attack, points in curve.items():
+            for eps, acc in points.items():
+                row[f"robust/{attack}/{decoder}/{eps}"] = acc
+    return row
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    frame = pd.DataFrame(rows)
+    for column in ("decoders", "fgsm_eps"):
+        if column in frame:  # lists are unhashable; as tuples they group and compare
+            frame[column] = frame[column].map(lambda v: tuple(v) if isinstance(v, list) else v)
+    return frame
+
+
+def load_runs(root: Path | str) -> pd.DataFrame:
+    """One row per run below root: run_id, sweep, path, status, config fields, final metrics, reason."""
+    return _frame([_run_row(d) for d in iter_run_dirs(Path(root))])
+
+
+def load_metrics(root: Path | str) -> pd.DataFrame:
+    """One row per run and eval epoch: config fields, status and every metrics.jsonl field."""
+    rows = []
+    for run_dir in iter_run_dirs(Path(root)):
+        try:
+            config = read_json(run_dir / CONFIG)
+        except (OSError, json.JSONDecodeError):
+            config = {}
+        state = run_state(run_dir)
+        for metric in read_metrics(run_dir):
+            rows.append({**config, "sweep": run_dir.parent.name, "status": state, **metric, "run_id": run_dir.name})
+    return _frame(rows)
