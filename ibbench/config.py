@@ -61,7 +61,7 @@ class RunConfig:
         if not isinstance(values, Mapping):
             raise ConfigError(source, "(top level)", f"expected a mapping of fields, got {type(values).__name__}")
         known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known))
+        unknown = sorted(set(values) - set(known), key=str)  # key=str: YAML keys may be numbers
         if unknown:
             raise ConfigError(source, str(unknown[0]), "unknown field", ", ".join(known))
         hints = typing.get_type_hints(cls)
@@ -135,11 +135,16 @@ class RunConfig:
             fail("device", f"unknown device {self.device!r}", ", ".join(DEVICES))
         if self.amp not in AMP_MODES:
             fail("amp", f"unknown mode {self.amp!r}", ", ".join(AMP_MODES))
-        if self.objective == "ib":
-            try:
-                check_batch(self.batch_size, DATASETS.get(self.dataset).num_classes, self.k)
-            except ValueError as exc:
-                fail("batch_size", str(exc), "a multiple of the class count with more than k samples per class")
+        # train.run always draws class-balanced batches; only ib needs more than k samples of each class in them.
+        try:
+            check_batch(
+                self.batch_size, DATASETS.get(self.dataset).num_classes, self.k if self.objective == "ib" else 0
+            )
+        except ValueError as exc:
+            allowed = "a multiple of the class count" + (
+                " with more than k samples per class" if self.objective == "ib" else ""
+            )
+            fail("batch_size", str(exc), allowed)
 
 
 def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
@@ -176,6 +181,21 @@ def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
     raise TypeError(f"RunConfig field {name} has an unsupported type {hint}")
 
 
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads `1e-3` as a float: YAML 1.1 (PyYAML) wants a dot, so `lr: 1e-3` was a string."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
+
+
 def read_yaml(path: str | Path) -> Any:
     """Parsed YAML of path; ConfigError for a missing file or a YAML syntax error."""
     source = str(path)
@@ -184,7 +204,7 @@ def read_yaml(path: str | Path) -> Any:
     except OSError as exc:
         raise ConfigError(source, "(file)", f"cannot read: {exc.strerror or exc}") from None
     try:
-        return yaml.safe_load(text)
+        return _load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark is not None else "(yaml)"
@@ -204,7 +224,7 @@ def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, An
         if not sep or not _KEY.match(key):
             raise ConfigError(source, item, "expected key=value", "e.g. --set beta=0.3 --set decoders=[gmm,resfc]")
         try:
-            out[key] = yaml.safe_load(raw) if raw.strip() else ""
+            out[key] = _load_yaml(raw) if raw.strip() else ""
         except yaml.YAMLError:
             raise ConfigError(source, key, f"cannot parse value {raw!r}") from None
     return out

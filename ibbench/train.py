@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ibbench import results
-from ibbench.config import RunConfig
+from ibbench.config import ConfigError, RunConfig
 from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset
 from ibbench.estimators import add_zero_entropy_noise, conditional_knn_entropy, knn_entropy
 from ibbench.evaluation import decoder_accuracy, encode, fit_decoders, information_plane, robustness
@@ -53,7 +53,7 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device: cuda was asked for, but torch sees no CUDA device")
+        raise ConfigError("<config>", "device", "cuda was asked for, but torch sees no CUDA device", "auto, cpu")
     return torch.device(name)
 
 
@@ -124,6 +124,7 @@ def _train_epoch(
     loader: DeviceLoader,
     optimizer: torch.optim.Optimizer,
     device: torch.device,
+    epoch: int,
 ) -> dict[str, float]:
     """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss."""
     model.encoder.train()
@@ -135,12 +136,14 @@ def _train_epoch(
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
             z = model.encoder(xb)
         z = z.float()  # the estimator and the loss stay in float32
+        if not bool(torch.isfinite(z).all()):
+            raise TrainingFailed(f"non-finite latents in epoch {epoch}, batch {batches + 1}: the encoder diverged")
         if cfg.noise:
             z = add_zero_entropy_noise(z)
         terms = model.objective(z, yb)
         loss = terms["loss"]
         if not torch.isfinite(loss):
-            raise TrainingFailed(f"non-finite loss ({float(loss)}) in batch {batches + 1}")
+            raise TrainingFailed(f"non-finite loss ({float(loss.detach())}) in epoch {epoch}, batch {batches + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -243,6 +246,21 @@ def run(
     seed_everything(cfg.seed)
     # Data first: a missing dataset is a ConfigError for the caller, before anything is written.
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
+    augment = augment_cifar if cfg.augment and data.info.input_shape[1:] == (32, 32) else None
+    try:
+        loader = DeviceLoader(
+            data.train_x,
+            data.train_y,
+            cfg.batch_size,
+            device=device,
+            k=cfg.k if cfg.objective == "ib" else 0,
+            augment=augment,
+            seed=cfg.seed,
+            channels_last=cfg.channels_last and device.type == "cuda",
+        )
+
+    except ValueError as exc:  # e.g. a batch larger than the training set
+        raise ConfigError("<config>", "batch_size", str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
     results.write_config(run_dir, cfg)
     model = _build(cfg, data, device)
@@ -251,18 +269,6 @@ def run(
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=LR_FACTOR, patience=cfg.lr_patience
     )
-    augment = augment_cifar if cfg.augment and data.info.input_shape[1:] == (32, 32) else None
-    loader = DeviceLoader(
-        data.train_x,
-        data.train_y,
-        cfg.batch_size,
-        device=device,
-        k=cfg.k if cfg.objective == "ib" else 0,
-        augment=augment,
-        seed=cfg.seed,
-        channels_last=cfg.channels_last and device.type == "cuda",
-    )
-
     start_epoch, wall_before = 1, 0.0
     checkpoint_path = run_dir / results.CHECKPOINT
     if checkpoint_path.exists():
@@ -285,7 +291,7 @@ def run(
     epoch = start_epoch - 1
     try:
         for epoch in range(start_epoch, cfg.epochs + 1):
-            terms = _train_epoch(cfg, model, loader, optimizer, device)
+            terms = _train_epoch(cfg, model, loader, optimizer, device, epoch)
             scheduler.step(terms["loss"])
             lr = optimizer.param_groups[0]["lr"]
             if progress is not None:

@@ -7,6 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+
+# One intra-op thread: CI has 2 cores, and Ray trials or a second process beside a 2-thread torch make OpenMP
+# threads spin against each other (runs 10-30x slower were seen); results do not depend on it.
+torch.set_num_threads(1)
 
 CIFAR10_LABEL_NAMES = [
     "airplane",

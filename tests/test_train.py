@@ -1,0 +1,140 @@
+"""train.run end to end on digits: the run directory, resume after SIGKILL, failure records, skip when done."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from ibbench import results, train
+from ibbench.config import RunConfig
+
+SMALL = dict(
+    dataset="digits",
+    encoder="mlp",
+    latent_dim=16,
+    batch_size=100,
+    eval_every=1,
+    probe_width=32,
+    k=3,
+    beta=0.05,
+    lr=1e-3,
+    fgsm_eps=[0.0, 4 / 255, 16 / 255],
+)
+
+METRIC_FIELDS = {
+    "run_id", "epoch", "time", "lr", "train/loss", "h_z", "h_z_given_y", "acc/gmm",
+    "infoplane/i_xz", "infoplane/h_y_given_z",
+}  # fmt: skip
+
+
+def small(**changes) -> RunConfig:
+    return RunConfig.from_dict({**SMALL, **changes})
+
+
+def test_ib_run_writes_the_whole_run_directory(tmp_path):
+    cfg = small(epochs=3, decoders=["gmm", "logreg"])
+    summary = train.run(cfg, tmp_path / "r")
+    run_dir = tmp_path / "r"
+    for name in ("config.json", "metrics.jsonl", "summary.json", "checkpoint.pt", "DONE"):
+        assert (run_dir / name).is_file(), name
+    assert RunConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
+    rows = results.read_metrics(run_dir)
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    for row in rows:
+        assert METRIC_FIELDS | {"acc/logreg", "train/h_z", "train/h_z_given_y"} <= set(row)
+        assert row["run_id"] == results.run_id(cfg)
+    on_disk = json.loads((run_dir / "summary.json").read_text())
+    assert on_disk["status"] == "done" and summary["status"] == "done"
+    assert on_disk["final"]["acc/gmm"] > 0.6  # chance is 0.1
+    assert set(on_disk["robustness"]) == {"gmm", "logreg"}
+    curve = on_disk["robustness"]["gmm"]["fgsm"]
+    assert len(curve) == 3 and curve["0"] == pytest.approx(on_disk["final"]["acc/gmm"])
+    assert curve[f"{16 / 255:.6g}"] <= curve["0"]
+    assert {"torch", "python", "ibbench"} <= set(on_disk["versions"]) and on_disk["wall_time"] > 0
+
+
+@pytest.mark.parametrize("objective", ["ce", "ce_dropconnect"])
+def test_cross_entropy_baselines_run_the_same_way(tmp_path, objective):
+    cfg = small(objective=objective, epochs=2, lr=3e-3)
+    summary = train.run(cfg, tmp_path / objective)
+    assert (tmp_path / objective / "DONE").exists()
+    final = summary["final"]
+    assert final["acc/head"] > 0.5 and final["acc/gmm"] > 0.5
+    assert {"gmm", "head"} == set(summary["robustness"])
+    assert "train/ce" in final
+
+
+def test_done_run_is_returned_without_training(tmp_path):
+    cfg = small(epochs=1)
+    first = train.run(cfg, tmp_path / "r")
+    stamp = (tmp_path / "r" / "DONE").stat().st_mtime_ns
+    again = train.run(cfg, tmp_path / "r")
+    assert again == json.loads(json.dumps(first))
+    assert (tmp_path / "r" / "DONE").stat().st_mtime_ns == stamp
+
+
+def test_a_folder_with_another_runs_config_is_refused(tmp_path):
+    train.run(small(epochs=1), tmp_path / "r")
+    (tmp_path / "r" / "DONE").unlink()
+    with pytest.raises(ValueError, match="different run"):
+        train.run(small(epochs=1, seed=5), tmp_path / "r")
+
+
+def test_divergence_is_recorded_as_failed_with_a_reason(tmp_path):
+    cfg = small(epochs=3, lr=1e8, noise=False)
+    with pytest.raises(train.TrainingFailed, match="non-finite"):
+        train.run(cfg, tmp_path / "r")
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["reason"]
+    assert not (tmp_path / "r" / "DONE").exists()
+    assert results.run_state(tmp_path / "r") == "failed"
+
+
+KILLED_RUN = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ibbench import train
+    from ibbench.config import RunConfig
+    cfg = RunConfig.from_dict({cfg!r})
+
+    def progress(terms):
+        if terms["epoch"] == 3:  # epoch 3 trained but not yet checkpointed: die like a preempted job
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    train.run(cfg, sys.argv[1], progress=progress)
+    """
+)
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
+    cfg = small(epochs=4)
+    script = tmp_path / "killed.py"
+    script.write_text(KILLED_RUN.format(cfg=cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert results.run_state(tmp_path / "resumed") == "incomplete"
+    assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
+
+    train.run(cfg, tmp_path / "resumed")
+    train.run(cfg, tmp_path / "straight")
+    resumed = results.read_metrics(tmp_path / "resumed")
+    straight = results.read_metrics(tmp_path / "straight")
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    rob_a = json.loads((tmp_path / "resumed" / "summary.json").read_text())["robustness"]
+    rob_b = json.loads((tmp_path / "straight" / "summary.json").read_text())["robustness"]
+    assert rob_a == rob_b
+
+
+def test_report_is_called_at_each_eval_epoch(tmp_path):
+    seen = []
+    train.run(small(epochs=4, eval_every=2), tmp_path / "r", report=seen.append)
+    assert [r["epoch"] for r in seen] == [2, 4]
+    assert all("acc/gmm" in r for r in seen)
