@@ -249,3 +249,219 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] | M
         )
     values.update(extra)
     return RunConfig.from_dict(values, source)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sweeps
+
+SWEEP_NAME = re.compile(r"^[a-z0-9_-]+$")
+SWEEP_KEYS = ("name", "base", "grid", "baselines", "search", "resources", "max_concurrent")
+DECODER_AXIS = "decoder"  # a grid axis of single decoders, folded into each run's `decoders` list
+SEARCH_ALGORITHMS = ("optuna",)
+SCHEDULERS = ("none", "asha")
+DOMAINS = ("uniform", "loguniform", "int", "choice")
+
+
+@dataclass(frozen=True)
+class Resources:
+    """Per-trial resources; fractional GPUs pack several small trials onto one card."""
+
+    cpu: float = 1.0  # CPU cores a trial reserves (also its torch thread count)
+    gpu: float = 0.0  # GPUs a trial reserves; 0.25 runs four trials per GPU
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """An Optuna search through Ray Tune instead of a grid."""
+
+    space: tuple[tuple[str, str, tuple[Any, ...]], ...]  # (field, domain, arguments), e.g. ("beta", "uniform", (0, 1))
+    metric: str = "test_acc/gmm"  # a metrics.jsonl key the search optimises (last eval epoch)
+    mode: str = "max"  # max or min
+    num_samples: int = 16  # trials in the study in all: re-running the sweep tops the study up to this
+    algorithm: str = "optuna"  # TPE sampling, study kept in <out>/<sweep>/optuna.db
+    scheduler: str = "none"  # asha: stop weak trials early (search algorithms cannot stop trials themselves)
+    grace_period: int = 1  # ASHA: evaluations a trial gets before it may be stopped
+    seed: int = 0  # the sampler's seed, so a study is reproducible
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A sweep file, validated: base fields, grid axes, fixed baselines, or an Optuna search."""
+
+    name: str  # [a-z0-9_-]+: the folder <out>/<name>/
+    base: tuple[tuple[str, Any], ...]  # RunConfig fields shared by every run
+    grid: tuple[tuple[str, tuple[Any, ...]], ...] = ()  # axes of the grid product; `decoder` folds into decoders
+    baselines: tuple[tuple[tuple[str, Any], ...], ...] = ()  # fixed extra runs over base, crossed with seeds
+    search: SearchSpec | None = None  # an Optuna search instead of the grid
+    resources: Resources = Resources()  # per trial
+    max_concurrent: int | None = None  # cap on trials at once (None: as many as resources allow)
+    source: str = "<sweep>"  # the file it came from, for error messages
+
+    @property
+    def base_dict(self) -> dict[str, Any]:
+        return dict(self.base)
+
+    @property
+    def grid_dict(self) -> dict[str, tuple[Any, ...]]:
+        return dict(self.grid)
+
+
+def _freeze(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return tuple((str(k), _freeze(v)) for k, v in value.items())
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value
+
+
+def _thaw_run_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _run_fields() -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(RunConfig))
+
+
+def _check_mapping(source: str, field: str, value: Any, allowed: Sequence[str]) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(source, field, f"expected a mapping, got {type(value).__name__}", ", ".join(allowed))
+    for key in value:
+        if key not in allowed:
+            raise ConfigError(source, f"{field}.{key}", "unknown field", ", ".join(allowed))
+    return dict(value)
+
+
+def _number(source: str, field: str, value: Any, minimum: float, integer: bool = False) -> Any:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if integer:
+        ok = ok and float(value).is_integer()
+    if not ok or value < minimum:
+        kind = "an integer" if integer else "a number"
+        raise ConfigError(source, field, f"{value!r} is not {kind} ≥ {minimum:g}", f"{kind} ≥ {minimum:g}")
+    return int(value) if integer else float(value)
+
+
+def _parse_search(source: str, raw: Any) -> SearchSpec:
+    names = [f.name for f in dataclasses.fields(SearchSpec)]
+    values = _check_mapping(source, "search", raw, names)
+    algorithm = values.get("algorithm", "optuna")
+    if algorithm not in SEARCH_ALGORITHMS:
+        raise ConfigError(source, "search.algorithm", f"unknown algorithm {algorithm!r}", ", ".join(SEARCH_ALGORITHMS))
+    mode = values.get("mode", "max")
+    if mode not in ("max", "min"):
+        raise ConfigError(source, "search.mode", f"unknown mode {mode!r}", "max, min")
+    scheduler = values.get("scheduler", "none") or "none"
+    if scheduler not in SCHEDULERS:
+        raise ConfigError(source, "search.scheduler", f"unknown scheduler {scheduler!r}", ", ".join(SCHEDULERS))
+    metric = values.get("metric", "test_acc/gmm")
+    if not isinstance(metric, str) or not metric:
+        raise ConfigError(source, "search.metric", f"{metric!r} is not a metric name", "a metrics.jsonl key")
+    space_raw = values.get("space")
+    if not isinstance(space_raw, Mapping) or not space_raw:
+        raise ConfigError(source, "search.space", "a non-empty mapping of fields to domains is needed",
+                          "e.g. {beta: {uniform: [0.0, 0.99]}, k: {int: [1, 20]}}")  # fmt: skip
+    space = []
+    fields = _run_fields()
+    for key, domain in space_raw.items():
+        where = f"search.space.{key}"
+        if key not in fields:
+            raise ConfigError(source, where, "not a RunConfig field", ", ".join(fields))
+        if not isinstance(domain, Mapping) or len(domain) != 1 or next(iter(domain)) not in DOMAINS:
+            raise ConfigError(source, where, f"bad domain {domain!r}", "one of {uniform|loguniform|int: [lo, hi]}, "
+                              "{choice: [a, b, ...]}")  # fmt: skip
+        kind, args = next(iter(domain.items()))
+        if not isinstance(args, list) or not args:
+            raise ConfigError(source, f"{where}.{kind}", f"expected a list, got {args!r}", "[lo, hi] or [a, b, ...]")
+        if kind != "choice":
+            if len(args) != 2 or not all(isinstance(a, (int, float)) and not isinstance(a, bool) for a in args):
+                raise ConfigError(source, f"{where}.{kind}", f"expected [lo, hi], got {args!r}", "two numbers")
+            lo, hi = args
+            if not lo < hi or (kind == "loguniform" and lo <= 0) or (kind == "int" and not all(
+                float(a).is_integer() for a in args
+            )):  # fmt: skip
+                raise ConfigError(source, f"{where}.{kind}", f"[{lo}, {hi}] is not a valid range",
+                                  "lo < hi; loguniform needs lo > 0; int needs integers")  # fmt: skip
+        space.append((key, kind, tuple(args)))
+    return SearchSpec(
+        space=tuple(space),
+        metric=metric,
+        mode=mode,
+        num_samples=_number(source, "search.num_samples", values.get("num_samples", 16), 1, integer=True),
+        algorithm=algorithm,
+        scheduler=scheduler,
+        grace_period=_number(source, "search.grace_period", values.get("grace_period", 1), 1, integer=True),
+        seed=_number(source, "search.seed", values.get("seed", 0), 0, integer=True),
+    )
+
+
+def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
+    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated."""
+    source = str(path)
+    raw = read_yaml(path)
+    if not isinstance(raw, Mapping):
+        raise ConfigError(source, "(top level)", "expected a mapping with name, base, grid, …", ", ".join(SWEEP_KEYS))
+    for key in raw:
+        if key not in SWEEP_KEYS:
+            raise ConfigError(source, str(key), "unknown sweep key", ", ".join(SWEEP_KEYS))
+    name = raw.get("name")
+    if not isinstance(name, str) or not SWEEP_NAME.match(name):
+        raise ConfigError(source, "name", f"{name!r} is not a valid sweep name",
+                          "lower-case letters, digits, '_' and '-' (it names a folder under --out)")  # fmt: skip
+    fields = _run_fields()
+    base = _check_mapping(source, "base", raw.get("base"), fields)
+    extra = dict(overrides) if isinstance(overrides, Mapping) else parse_overrides(overrides)
+    for key in extra:
+        if key not in fields:
+            raise ConfigError("--set", key, "unknown field", ", ".join(fields))
+    base.update(extra)
+    grid_raw = _check_mapping(source, "grid", raw.get("grid"), (*fields, DECODER_AXIS))
+    grid = []
+    for key, values in grid_raw.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(source, f"grid.{key}", f"expected a non-empty list of values, got {values!r}",
+                              "e.g. [0.0, 0.3, 0.6]")  # fmt: skip
+        grid.append((key, tuple(_freeze(v) for v in values)))
+    if DECODER_AXIS in grid_raw and "decoders" in grid_raw:
+        raise ConfigError(source, "grid.decoder", "give either a decoder axis or a decoders axis, not both")
+    baselines_raw = raw.get("baselines") or []
+    if not isinstance(baselines_raw, list):
+        raise ConfigError(source, "baselines", "expected a list of field mappings", "e.g. [{objective: ce}]")
+    baselines = []
+    for i, b in enumerate(baselines_raw):
+        baselines.append(_freeze(_check_mapping(source, f"baselines[{i}]", b, fields) or {}))
+    search = None
+    if raw.get("search") is not None:
+        search = _parse_search(source, raw["search"])
+        if grid or baselines:
+            raise ConfigError(source, "search", "a search sweep takes no grid or baselines (put fixed fields in base)",
+                              "either grid/baselines or search")  # fmt: skip
+    res = _check_mapping(source, "resources", raw.get("resources"), ("cpu", "gpu"))
+    resources = Resources(
+        cpu=_number(source, "resources.cpu", res.get("cpu", 1.0), 0.01),
+        gpu=_number(source, "resources.gpu", res.get("gpu", 0.0), 0.0),
+    )
+    if resources.gpu > 1 and not float(resources.gpu).is_integer():
+        raise ConfigError(source, "resources.gpu", f"{resources.gpu} GPUs", "a fraction below 1, or whole GPUs")
+    max_concurrent = raw.get("max_concurrent")
+    if max_concurrent is not None:
+        max_concurrent = _number(source, "max_concurrent", max_concurrent, 1, integer=True)
+    spec = SweepSpec(
+        name=name,
+        base=tuple(base.items()),
+        grid=tuple(grid),
+        baselines=tuple(baselines),
+        search=search,
+        resources=resources,
+        max_concurrent=max_concurrent,
+        source=source,
+    )
+    # Every run the sweep implies is validated now, before anything starts.
+    from ibbench.sweep import expand
+
+    expand(spec)
+    if search is not None:
+        metric_base = RunConfig.from_dict({k: _thaw_run_value(v) for k, v in base.items()}, f"{source}: base")
+        del metric_base
+    return spec

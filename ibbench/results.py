@@ -32,7 +32,7 @@ DONE = "DONE"
 # share one run directory, so these stay out of the run's identity.
 PLACEMENT_FIELDS = ("data_dir", "download", "device")
 
-STATES = ("done", "failed", "incomplete", "new")
+STATES = ("done", "stopped", "failed", "incomplete", "new")
 
 
 def canonical_json(cfg: RunConfig) -> str:
@@ -144,13 +144,13 @@ def mark_done(run_dir: Path) -> None:
 
 
 def run_state(run_dir: Path) -> str:
-    """done (DONE exists), failed (summary says so), incomplete (started), or new."""
+    """done (DONE exists), stopped (early, by a scheduler), failed, incomplete (started), or new."""
     run_dir = Path(run_dir)
     if (run_dir / DONE).exists():
         return "done"
     summary = read_summary(run_dir)
-    if summary is not None and summary.get("status") == "failed":
-        return "failed"
+    if summary is not None and summary.get("status") in ("failed", "stopped"):
+        return summary["status"]
     if (run_dir / CONFIG).exists() or (run_dir / CHECKPOINT).exists():
         return "incomplete"
     return "new"

@@ -1,0 +1,384 @@
+"""Sweeps: a SweepSpec expanded into RunConfigs (grid) or searched with Optuna, driven through Ray Tune.
+
+Run directories are the state: a run with DONE is never trained again, an incomplete one resumes from its
+checkpoint, a failed one is retried only when asked. Ray's and Optuna's own folders are scratch (`.ray/`) or
+the search's memory (`optuna.db`), never the record of what happened.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ibbench import results
+from ibbench.config import DECODER_AXIS, ConfigError, RunConfig, SweepSpec
+
+log = logging.getLogger(__name__)
+
+OPTUNA_DB = "optuna.db"
+SPEC_FILE = "sweep.yaml"
+RAY_SCRATCH = ".ray"
+INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose driver died mid-trial
+
+
+# -- expansion ---------------------------------------------------------------------------------------------------
+
+
+def _plain(value: Any) -> Any:
+    """Frozen spec values back to YAML/JSON shapes (tuples of pairs → dicts, tuples → lists)."""
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                                                  for v in value):  # fmt: skip
+        return {k: _plain(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _where(spec: SweepSpec, key: str, origin: str) -> str:
+    return f"{origin}.{key}" if origin else key
+
+
+def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> RunConfig:
+    """RunConfig from merged values; a ConfigError names the sweep file and where the bad value came from."""
+    try:
+        return RunConfig.from_dict(values, spec.source)
+    except ConfigError as exc:
+        raise ConfigError(spec.source, _where(spec, exc.field, origins.get(exc.field, "")), exc.problem,
+                          exc.allowed) from None  # fmt: skip
+
+
+def expand(spec: SweepSpec) -> list[RunConfig]:
+    """Every run of a grid sweep (grid product, then baselines × seeds), duplicates removed, in order.
+
+    The `decoder` axis is folded into each run's `decoders` list: runs that differ only in the decoder share one
+    encoder training. A search sweep has no fixed runs: its base and every domain endpoint are validated and []
+    returned.
+    """
+    base = {k: _plain(v) for k, v in spec.base}
+    origins = {k: "base" for k in base}
+    grid = {k: [_plain(v) for v in values] for k, values in spec.grid}
+    if spec.search is not None:
+        for key, kind, args in spec.search.space:
+            probes = args if kind == "choice" else (args[0], args[-1])
+            for value in probes:
+                _make(spec, {**base, key: value}, {**origins, key: "search.space"})
+        _make(spec, base, origins)
+        return []
+    decoders = grid.pop(DECODER_AXIS, None)
+    if decoders is not None:
+        base["decoders"] = decoders
+        origins["decoders"] = "grid"
+    keys = list(grid)
+    runs: list[RunConfig] = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = {**base, **dict(zip(keys, combo, strict=True))}
+        runs.append(_make(spec, values, {**origins, **{k: "grid" for k in keys}}))
+    seeds = grid.get("seed", [base.get("seed", RunConfig.seed)])
+    for i, baseline in enumerate(spec.baselines):
+        fixed = {k: _plain(v) for k, v in baseline}
+        for seed in seeds:
+            values = {**base, **fixed, "seed": seed}
+            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}]" for k in fixed}}))
+    unique: dict[str, RunConfig] = {}
+    for cfg in runs:
+        unique.setdefault(results.run_id(cfg), cfg)
+    return list(unique.values())
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    """The spec as a sweep file would hold it (with --set overrides folded into base)."""
+    out: dict[str, Any] = {"name": spec.name, "base": {k: _plain(v) for k, v in spec.base}}
+    if spec.grid:
+        out["grid"] = {k: [_plain(v) for v in values] for k, values in spec.grid}
+    if spec.baselines:
+        out["baselines"] = [{k: _plain(v) for k, v in b} for b in spec.baselines]
+    if spec.search is not None:
+        s = spec.search
+        out["search"] = {
+            "algorithm": s.algorithm, "num_samples": s.num_samples, "metric": s.metric, "mode": s.mode,
+            "scheduler": s.scheduler, "grace_period": s.grace_period, "seed": s.seed,
+            "space": {key: {kind: list(args)} for key, kind, args in s.space},
+        }  # fmt: skip
+    out["resources"] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
+    if spec.max_concurrent is not None:
+        out["max_concurrent"] = spec.max_concurrent
+    return out
+
+
+def sweep_metric(spec: SweepSpec) -> tuple[str, str]:
+    """The (metric, mode) a sweep ranks runs by: the search's, else test accuracy of the first decoder."""
+    if spec.search is not None:
+        return spec.search.metric, spec.search.mode
+    decoders = dict(spec.grid).get(DECODER_AXIS) or dict(spec.base).get("decoders") or RunConfig.decoders
+    return f"test_acc/{_plain(decoders)[0]}", "max"
+
+
+# -- planning ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One run of a sweep and its state on disk."""
+
+    cfg: RunConfig
+    run_id: str
+    run_dir: Path
+    state: str  # done | failed | incomplete | new | stopped
+
+
+def sweep_dir(spec: SweepSpec, out: Path) -> Path:
+    return Path(out) / spec.name
+
+
+def plan(spec: SweepSpec, out: Path) -> list[PlannedRun]:
+    """The grid's runs with their states; for a search, the runs it has made so far."""
+    root = sweep_dir(spec, out)
+    if spec.search is None:
+        planned = []
+        for cfg in expand(spec):
+            rid = results.run_id(cfg)
+            planned.append(PlannedRun(cfg, rid, root / rid, results.run_state(root / rid)))
+        return planned
+    return [PlannedRun(results.read_config(d), d.name, d, results.run_state(d)) for d in results.iter_run_dirs(root)]
+
+
+def varying_fields(runs: list[PlannedRun]) -> list[str]:
+    """Config fields whose values differ between runs, in RunConfig order."""
+    if not runs:
+        return []
+    dicts = [r.cfg.to_dict() for r in runs]
+    return [k for k in dicts[0] if any(str(d[k]) != str(dicts[0][k]) for d in dicts)]
+
+
+def optuna_trial_count(spec: SweepSpec, out: Path) -> int:
+    """Finished trials in the sweep's study (0 when there is none yet)."""
+    db = sweep_dir(spec, out) / OPTUNA_DB
+    if not db.exists():
+        return 0
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{db}")
+    try:
+        study = optuna.load_study(study_name=spec.name, storage=storage)
+    except KeyError:
+        return 0
+    return len(_finished_trials(study))
+
+
+def _finished_trials(study) -> list:
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(INTERRUPTED)]
+
+
+# -- driving Ray Tune --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SweepOutcome:
+    """What one sweep invocation did, read back from the run directories."""
+
+    sweep_dir: Path
+    trained: list[str] = field(default_factory=list)  # run_ids this invocation ran
+    skipped: list[str] = field(default_factory=list)  # already done
+    states: dict[str, str] = field(default_factory=dict)  # run_id -> state after the sweep
+    reasons: dict[str, str] = field(default_factory=dict)  # run_id -> why it failed
+
+    @property
+    def failed(self) -> list[str]:
+        return [rid for rid, state in self.states.items() if state == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and all(s in ("done", "stopped") for s in self.states.values())
+
+
+Event = Callable[[str, dict[str, Any]], None]  # (kind, payload): start | result | complete | error
+
+
+def _trainable(config: dict[str, Any]) -> None:
+    """One Ray Tune trial: build the RunConfig, then train.run into <sweep_dir>/<run_id>."""
+    import torch
+    from ray import tune
+
+    from ibbench import train
+
+    values = dict(config["run"]) if "run" in config else dict(config["base"])
+    values.update({k: v for k, v in config.items() if k not in ("run", "base", "_ibbench")})
+    settings = config["_ibbench"]
+    torch.set_num_threads(settings["threads"])  # one trial per reserved core: no OpenMP oversubscription
+    cfg = RunConfig.from_dict(values, settings["source"])
+    run_dir = Path(settings["sweep_dir"]) / results.run_id(cfg)
+    if settings["retry_failed"] and results.run_state(run_dir) == "failed":
+        results.clear_failure(run_dir)
+
+    def report(metrics: dict[str, Any]) -> None:
+        tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
+
+    train.run(cfg, run_dir, report=report)
+
+
+def _space(spec: SweepSpec) -> dict[str, Any]:
+    from ray import tune
+
+    domains = {}
+    for key, kind, args in spec.search.space:
+        if kind == "uniform":
+            domains[key] = tune.uniform(float(args[0]), float(args[1]))
+        elif kind == "loguniform":
+            domains[key] = tune.loguniform(float(args[0]), float(args[1]))
+        elif kind == "int":
+            domains[key] = tune.randint(int(args[0]), int(args[1]) + 1)  # inclusive upper bound, as written
+        else:
+            domains[key] = tune.choice(list(args))
+    return domains
+
+
+def _prepare_study(spec: SweepSpec, root: Path):
+    """The RDB storage, and how many trials remain; trials a killed driver left running are re-queued."""
+    import optuna
+
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / OPTUNA_DB}")
+    direction = "maximize" if spec.search.mode == "max" else "minimize"
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
+    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+    for trial in stale:
+        storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
+        if trial.params:
+            study.enqueue_trial(trial.params)  # its run directory resumes from its checkpoint
+    remaining = spec.search.num_samples - len(_finished_trials(study))
+    return storage, max(0, remaining)
+
+
+class _Events:
+    """Forwards Ray Tune trial events to the caller (the CLI's single live view)."""
+
+    def __new__(cls, on_event: Event):
+        from ray.tune import Callback
+
+        class Forward(Callback):
+            def on_trial_start(self, iteration, trials, trial, **info):
+                on_event("start", {"trial": trial.trial_id})
+
+            def on_trial_result(self, iteration, trials, trial, result, **info):
+                on_event("result", {"trial": trial.trial_id, **result})
+
+            def on_trial_complete(self, iteration, trials, trial, **info):
+                on_event("complete", {"trial": trial.trial_id})
+
+            def on_trial_error(self, iteration, trials, trial, **info):
+                on_event("error", {"trial": trial.trial_id})
+
+        return Forward()
+
+
+def run_sweep(
+    spec: SweepSpec,
+    out: Path,
+    *,
+    retry_failed: bool = False,
+    on_event: Event | None = None,
+) -> SweepOutcome:
+    """Train every pending run of spec through Ray Tune (Ray must be initialised: see ibbench.launch)."""
+    import ray
+    from ray import tune
+
+    root = sweep_dir(spec, out).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    results.atomic_write_bytes(root / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
+    outcome = SweepOutcome(root)
+    cluster = ray.cluster_resources()
+    if spec.resources.gpu > 0 and cluster.get("GPU", 0) < spec.resources.gpu:
+        raise ConfigError(spec.source, "resources.gpu", f"{spec.resources.gpu} GPU per trial, but the Ray cluster "
+                          f"has {cluster.get('GPU', 0):g}", "gpu: 0 on a machine without GPUs")  # fmt: skip
+    if cluster.get("CPU", 0) < spec.resources.cpu:
+        raise ConfigError(spec.source, "resources.cpu", f"{spec.resources.cpu} CPUs per trial, but the Ray cluster "
+                          f"has {cluster.get('CPU', 0):g}", f"at most {cluster.get('CPU', 0):g}")  # fmt: skip
+    settings = {
+        "sweep_dir": str(root),
+        "source": spec.source,
+        "retry_failed": retry_failed,
+        "threads": max(1, int(spec.resources.cpu)),
+    }
+    trainable = tune.with_resources(_trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
+    callbacks = [_Events(on_event)] if on_event is not None else []
+    run_config = tune.RunConfig(
+        name=time.strftime("tune-%Y%m%d-%H%M%S"),
+        storage_path=str(root / RAY_SCRATCH),
+        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        verbose=0,
+        callbacks=callbacks,
+    )
+    before = {p.run_id: p.state for p in plan(spec, out)}
+    if spec.search is None:
+        pending = [
+            p for p in plan(spec, out) if p.state in ("new", "incomplete") or (retry_failed and p.state == "failed")
+        ]
+        outcome.skipped = [rid for rid, state in before.items() if state == "done"]
+        outcome.trained = [p.run_id for p in pending]
+        if pending:
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"run": tune.grid_search([p.cfg.to_dict() for p in pending]), "_ibbench": settings},
+                tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
+                run_config=run_config,
+            )
+            tuner.fit()
+        ids = list(before)
+    else:
+        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.search.optuna import OptunaSearch
+
+        storage, remaining = _prepare_study(spec, root)
+        if remaining:
+            searcher = OptunaSearch(
+                metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=storage,
+                seed=spec.search.seed,
+            )  # fmt: skip
+            scheduler = None
+            if spec.search.scheduler == "asha":
+                base_cfg = RunConfig.from_dict({k: _plain(v) for k, v in spec.base}, spec.source)
+                max_evals = -(-base_cfg.epochs // base_cfg.eval_every)  # reports per run: one per eval epoch
+                scheduler = ASHAScheduler(
+                    time_attr="training_iteration", max_t=max_evals, grace_period=spec.search.grace_period
+                )
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"base": {k: _plain(v) for k, v in spec.base}, "_ibbench": settings, **_space(spec)},
+                tune_config=tune.TuneConfig(
+                    search_alg=searcher,
+                    scheduler=scheduler,
+                    num_samples=remaining,
+                    metric=spec.search.metric,
+                    mode=spec.search.mode,
+                    max_concurrent_trials=spec.max_concurrent,
+                    reuse_actors=True,
+                ),  # fmt: skip
+                run_config=run_config,
+            )
+            grid = tuner.fit()
+            for result in grid:
+                rid = (result.metrics or {}).get("run_id")
+                if rid and result.error is None and results.run_state(root / rid) == "incomplete":
+                    # ASHA ended it: a decision, not a crash, so a re-run must not train it again.
+                    results.write_summary(root / rid, {"status": "stopped", "run_id": rid,
+                                                       "reason": "stopped early by the ASHA scheduler"})  # fmt: skip
+        after_ids = [d.name for d in results.iter_run_dirs(root)]
+        outcome.trained = [rid for rid in after_ids if before.get(rid) not in ("done", "stopped")]
+        outcome.skipped = [rid for rid, state in before.items() if state in ("done", "stopped")]
+        ids = after_ids
+    for rid in ids:
+        state = results.run_state(root / rid)
+        outcome.states[rid] = state
+        if state == "failed":
+            outcome.reasons[rid] = (results.read_summary(root / rid) or {}).get("reason", "unknown")
+    return outcome
