@@ -11,6 +11,7 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from rich.console import Console
+from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -94,6 +95,195 @@ def _print_summary(summary: dict) -> None:
     console.print(table)
 
 
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return "–" if value is None else str(value)
+
+
+STATE_STYLE = {
+    "done": "green",
+    "stopped": "cyan",
+    "failed": "red",
+    "incomplete": "yellow",
+    "new": "dim",
+    "running": "bold blue",
+}
+
+
+def _plan_table(spec, planned, title: str) -> Table:
+    from ibbench.sweep import varying_fields
+
+    fields = varying_fields(planned)
+    table = Table(title=title)
+    table.add_column("run_id")
+    for name in fields:
+        table.add_column(name)
+    table.add_column("state")
+    for p in planned:
+        values = p.cfg.to_dict()
+        style = STATE_STYLE.get(p.state, "")
+        table.add_row(p.run_id, *(_fmt(values[f]) for f in fields), f"[{style}]{p.state}[/{style}]")
+    return table
+
+
+def _counts(states) -> str:
+    from collections import Counter
+
+    counts = Counter(states)
+    order = ["done", "stopped", "running", "incomplete", "failed", "new"]
+    return ", ".join(f"{counts[k]} {k}" for k in order if counts[k]) or "no runs"
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from ibbench.config import load_sweep
+    from ibbench.sweep import optuna_trial_count, plan, sweep_dir, sweep_metric
+
+    spec = load_sweep(args.spec, args.set)
+    out = Path(args.out)
+    planned = plan(spec, out)
+    if args.dry_run:
+        if spec.search is None:
+            console.print(
+                _plan_table(spec, planned, f"sweep {spec.name}: {len(planned)} runs in {sweep_dir(spec, out)}")
+            )
+        else:
+            s = spec.search
+            space = ", ".join(f"{k} ~ {kind}{list(a)}" for k, kind, a in s.space)
+            console.print(
+                f"sweep {spec.name}: Optuna search, {s.num_samples} trials ({optuna_trial_count(spec, out)} in the "
+                f"study so far), {s.mode} {s.metric}, scheduler {s.scheduler}; space: {space}"
+            )
+            if planned:
+                console.print(_plan_table(spec, planned, "runs so far"))
+        total = len(planned) if spec.search is None else spec.search.num_samples
+        console.print(f"{total} runs: {_counts(p.state for p in planned)}")
+        return 0
+    from ibbench.data import check_available
+
+    for dataset, data_dir, download in {(p.cfg.dataset, p.cfg.data_dir, p.cfg.download) for p in planned} | (
+        {
+            (
+                dict(spec.base).get("dataset", "cifar10"),
+                dict(spec.base).get("data_dir"),
+                dict(spec.base).get("download", False),
+            )
+        }
+        if spec.search is not None
+        else set()
+    ):
+        check_available(dataset, data_dir, download)
+    if args.launcher != "local":
+        from ibbench.launch import slurm
+
+        return slurm.submit_command(spec, out, args, console, err_console)
+    metric, mode = sweep_metric(spec)
+    return _run_local_sweep(spec, out, metric, mode, args.retry_failed)
+
+
+def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool) -> int:
+    from ibbench.launch.local import launch
+    from ibbench.sweep import plan
+
+    planned = plan(spec, out)
+    todo = [p for p in planned if p.state in ("new", "incomplete") or (retry_failed and p.state == "failed")]
+    if spec.search is None and not todo:
+        console.print(f"sweep {spec.name}: nothing to train — {_counts(p.state for p in planned)}")
+        return 1 if any(p.state == "failed" for p in planned) else 0
+    live_state: dict = {"running": {}, "finished": 0, "errors": 0, "best": None}
+
+    def render() -> Table:
+        table = Table(title=f"sweep {spec.name} → {out / spec.name}", show_edge=False)
+        table.add_column("trial")
+        table.add_column("run_id")
+        table.add_column("epoch", justify="right")
+        table.add_column(metric, justify="right")
+        for trial, info in sorted(live_state["running"].items()):
+            table.add_row(trial, info.get("run_id", "…"), _fmt(info.get("epoch")), _fmt(info.get(metric)))
+        best = live_state["best"]
+        total = len(todo) if spec.search is None else "?"
+        table.caption = (
+            f"{live_state['finished']}/{total} finished ({live_state['errors']} failed), "
+            f"{len(live_state['running'])} running; best {metric} so far: {_fmt(best[1]) if best else '–'}"
+            + (f" ({best[0]})" if best else "")
+        )
+        return table
+
+    def on_event(kind: str, payload: dict) -> None:
+        trial = payload["trial"]
+        if kind == "start":
+            live_state["running"][trial] = {}
+        elif kind == "result":
+            live_state["running"].setdefault(trial, {}).update(payload)
+            value = payload.get(metric)
+            if isinstance(value, (int, float)):
+                best = live_state["best"]
+                if best is None or (value > best[1] if mode == "max" else value < best[1]):
+                    live_state["best"] = (payload.get("run_id", trial), value)
+        else:
+            live_state["running"].pop(trial, None)
+            live_state["finished"] += 1
+            live_state["errors"] += kind == "error"
+        live.update(render())
+
+    with Live(render(), console=console, refresh_per_second=2, transient=False) as live:
+        try:
+            outcome = launch(spec, out, retry_failed=retry_failed, on_event=on_event)
+        except KeyboardInterrupt:
+            live.stop()
+            err_console.print("interrupted: finished runs are kept and the others resume from their checkpoints; "
+                              "run the same command again to continue")  # fmt: skip
+            return 130
+    after = plan(spec, out)
+    console.print(_plan_table(spec, after, f"sweep {spec.name}: outcome"))
+    for rid, reason in outcome.reasons.items():
+        err_console.print(f"failed: {rid}: {reason} ({outcome.sweep_dir / rid / 'summary.json'})", markup=False)
+    console.print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} already done; "
+                  f"{_counts(outcome.states.values())}")  # fmt: skip
+    return 0 if outcome.ok else 1
+
+
+def _status_command(args: argparse.Namespace) -> int:
+    from ibbench import results
+    from ibbench.config import load_sweep
+    from ibbench.sweep import SPEC_FILE, sweep_metric
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise ConfigError(str(root), "DIR", "no such folder", "a sweep's output folder, e.g. runs/quickstart")
+    runs = results.load_runs(root)
+    if runs.empty:
+        console.print(f"{root}: no runs yet")
+        return 0
+    for sweep_name, frame in runs.groupby("sweep", sort=True):
+        spec_file = Path(frame["path"].iloc[0]).parent / SPEC_FILE
+        metric, mode = ("test_acc/gmm", "max")
+        if spec_file.exists():
+            metric, mode = sweep_metric(load_sweep(spec_file))
+        console.print(f"[bold]{sweep_name}[/bold]: {len(frame)} runs — {_counts(frame['status'])}")
+        if metric in frame:
+            ranked = frame[frame[metric].notna()].sort_values(metric, ascending=(mode == "min")).head(args.top)
+            table = Table(title=f"best by {metric} ({mode})")
+            for col in ("run_id", "objective", "beta", "noise", "k", "seed", metric):
+                if col in ranked:
+                    table.add_column(col)
+            for _, row in ranked.iterrows():
+                table.add_row(
+                    *(
+                        _fmt(row[c])
+                        for c in ("run_id", "objective", "beta", "noise", "k", "seed", metric)
+                        if c in ranked
+                    )
+                )
+            console.print(table)
+        failed = frame[frame["status"] == "failed"]
+        for _, row in failed.iterrows():
+            console.print(f"[red]failed[/red] {row['run_id']}: {row.get('reason', '?')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ibbench",
@@ -108,6 +298,22 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
     run.add_argument("--out", default="runs", help="output root; the run goes to OUT/<config name>/<run_id>")
     run.set_defaults(handler=_run_command)
+
+    sweep = sub.add_parser("sweep", help="run every trial of a sweep file (resumable; DONE runs are skipped)")
+    sweep.add_argument("spec", help="a sweep YAML file, e.g. sweeps/quickstart.yaml")
+    sweep.add_argument("--dry-run", action="store_true", help="list the runs and their states; start nothing")
+    sweep.add_argument("--launcher", choices=["local", "slurm", "slurm-array"], default="local")
+    sweep.add_argument("--cluster", help="cluster file for the slurm launchers (see slurm/cluster.example.yaml)")
+    sweep.add_argument("--out", default="runs", help="output root; runs go to OUT/<sweep name>/<run_id>")
+    sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base field")
+    sweep.add_argument("--retry-failed", action="store_true", help="train failed runs again (from their checkpoints)")
+    sweep.add_argument("--wait", action="store_true", help="slurm launchers: block with a progress view until done")
+    sweep.set_defaults(handler=_sweep_command)
+
+    status = sub.add_parser("status", help="counts by state and the best runs of a sweep folder")
+    status.add_argument("dir", help="a sweep folder (OUT/<sweep>) or an output root")
+    status.add_argument("--top", type=int, default=5, help="how many of the best runs to list")
+    status.set_defaults(handler=_status_command)
     return parser
 
 

@@ -449,7 +449,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         max_concurrent = _number(source, "max_concurrent", max_concurrent, 1, integer=True)
     spec = SweepSpec(
         name=name,
-        base=tuple(base.items()),
+        base=tuple((k, _freeze(v)) for k, v in base.items()),  # lists as tuples: the spec stays hashable
         grid=tuple(grid),
         baselines=tuple(baselines),
         search=search,

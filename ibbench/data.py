@@ -115,11 +115,8 @@ def _make_dataset(
     return Dataset(train_x, train_y, test_x, test_y, info)
 
 
-@DATASETS.register("cifar10")
-@_classes(10)
-def load_cifar10(data_dir: str | Path | None, download: bool, seed: int) -> Dataset:
-    """CIFAR-10 from <data_dir>/cifar-10-batches-py (default ~/.cache/ibbench/cifar10): 50000/10000 images."""
-    del seed  # the official split is fixed
+def cifar10_root(data_dir: str | Path | None, download: bool) -> Path:
+    """The CIFAR-10 root folder; ConfigError naming it when the files are missing and download is off."""
     root = (DEFAULT_CIFAR10_DIR if data_dir is None else Path(data_dir)).expanduser()
     folder = root / CIFAR10_FOLDER
     if not download and not all((folder / name).is_file() for name in CIFAR10_FILES):
@@ -130,6 +127,21 @@ def load_cifar10(data_dir: str | Path | None, download: bool, seed: int) -> Data
             "a folder holding cifar-10-batches-py; fetch it with download: true on a machine with internet, "
             "or copy it there",
         )
+    return root
+
+
+def check_available(name: str, data_dir: str | Path | None = None, download: bool = False) -> None:
+    """ConfigError now, rather than in every trial later, when a dataset's files are missing offline."""
+    if name == "cifar10":
+        cifar10_root(data_dir, download)
+
+
+@DATASETS.register("cifar10")
+@_classes(10)
+def load_cifar10(data_dir: str | Path | None, download: bool, seed: int) -> Dataset:
+    """CIFAR-10 from <data_dir>/cifar-10-batches-py (default ~/.cache/ibbench/cifar10): 50000/10000 images."""
+    del seed  # the official split is fixed
+    root = cifar10_root(data_dir, download)
     # Imported here: torchvision costs seconds to import and only this loader needs it.
     from torchvision.datasets import CIFAR10
 

@@ -41,8 +41,17 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _where(spec: SweepSpec, key: str, origin: str) -> str:
-    return f"{origin}.{key}" if origin else key
+def _where(field: str, origins: dict[str, str]) -> str:
+    """The sweep-file path of a RunConfig field's value (`grid.beta`, `base.k`), or the bare field for a default.
+
+    A batch too small for k involves two fields; the error names the one the sweep varies (grid, baselines,
+    search space) rather than the shared one, since that is the value that made this run invalid.
+    """
+    varied = ("grid", "baselines", "search")
+    if field == "batch_size" and origins.get("k", "").startswith(varied):
+        if not origins.get("batch_size", "").startswith(varied):
+            return origins["k"]
+    return origins.get(field, field)
 
 
 def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> RunConfig:
@@ -50,8 +59,7 @@ def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> R
     try:
         return RunConfig.from_dict(values, spec.source)
     except ConfigError as exc:
-        raise ConfigError(spec.source, _where(spec, exc.field, origins.get(exc.field, "")), exc.problem,
-                          exc.allowed) from None  # fmt: skip
+        raise ConfigError(spec.source, _where(exc.field, origins), exc.problem, exc.allowed) from None
 
 
 def expand(spec: SweepSpec) -> list[RunConfig]:
@@ -62,30 +70,30 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     returned.
     """
     base = {k: _plain(v) for k, v in spec.base}
-    origins = {k: "base" for k in base}
+    origins = {k: f"base.{k}" for k in base}  # field -> where its value is written in the sweep file
     grid = {k: [_plain(v) for v in values] for k, values in spec.grid}
     if spec.search is not None:
         for key, kind, args in spec.search.space:
             probes = args if kind == "choice" else (args[0], args[-1])
             for value in probes:
-                _make(spec, {**base, key: value}, {**origins, key: "search.space"})
+                _make(spec, {**base, key: value}, {**origins, key: f"search.space.{key}"})
         _make(spec, base, origins)
         return []
     decoders = grid.pop(DECODER_AXIS, None)
     if decoders is not None:
-        base["decoders"] = decoders
-        origins["decoders"] = "grid"
+        base["decoders"] = list(dict.fromkeys(decoders))  # a decoder listed twice is one decoder, as in other axes
+        origins["decoders"] = f"grid.{DECODER_AXIS}"
     keys = list(grid)
     runs: list[RunConfig] = []
     for combo in itertools.product(*(grid[k] for k in keys)):
         values = {**base, **dict(zip(keys, combo, strict=True))}
-        runs.append(_make(spec, values, {**origins, **{k: "grid" for k in keys}}))
+        runs.append(_make(spec, values, {**origins, **{k: f"grid.{k}" for k in keys}}))
     seeds = grid.get("seed", [base.get("seed", RunConfig.seed)])
     for i, baseline in enumerate(spec.baselines):
         fixed = {k: _plain(v) for k, v in baseline}
         for seed in seeds:
             values = {**base, **fixed, "seed": seed}
-            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}]" for k in fixed}}))
+            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}].{k}" for k in fixed}}))
     unique: dict[str, RunConfig] = {}
     for cfg in runs:
         unique.setdefault(results.run_id(cfg), cfg)
@@ -259,26 +267,34 @@ def _prepare_study(spec: SweepSpec, root: Path):
     return storage, max(0, remaining)
 
 
-class _Events:
-    """Forwards Ray Tune trial events to the caller (the CLI's single live view)."""
+def _events_callback(on_event: Event):
+    """A Ray Tune callback forwarding trial events to on_event (the CLI's single live view)."""
+    from ray.tune import Callback
 
-    def __new__(cls, on_event: Event):
-        from ray.tune import Callback
+    class Forward(Callback):
+        def __init__(self, emit: Event):
+            self.emit = emit
 
-        class Forward(Callback):
-            def on_trial_start(self, iteration, trials, trial, **info):
-                on_event("start", {"trial": trial.trial_id})
+        def __getstate__(self):
+            return {"emit": None}  # Ray pickles its run config for restores; the live view stays in this process
 
-            def on_trial_result(self, iteration, trials, trial, result, **info):
-                on_event("result", {"trial": trial.trial_id, **result})
+        def on_trial_start(self, iteration, trials, trial, **info):
+            if self.emit:
+                self.emit("start", {"trial": trial.trial_id})
 
-            def on_trial_complete(self, iteration, trials, trial, **info):
-                on_event("complete", {"trial": trial.trial_id})
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if self.emit:
+                self.emit("result", {"trial": trial.trial_id, **result})
 
-            def on_trial_error(self, iteration, trials, trial, **info):
-                on_event("error", {"trial": trial.trial_id})
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            if self.emit:
+                self.emit("complete", {"trial": trial.trial_id})
 
-        return Forward()
+        def on_trial_error(self, iteration, trials, trial, **info):
+            if self.emit:
+                self.emit("error", {"trial": trial.trial_id})
+
+    return Forward(on_event)
 
 
 def run_sweep(
@@ -310,7 +326,7 @@ def run_sweep(
         "threads": max(1, int(spec.resources.cpu)),
     }
     trainable = tune.with_resources(_trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callbacks = [_Events(on_event)] if on_event is not None else []
+    callbacks = [_events_callback(on_event)] if on_event is not None else []
     run_config = tune.RunConfig(
         name=time.strftime("tune-%Y%m%d-%H%M%S"),
         storage_path=str(root / RAY_SCRATCH),
