@@ -231,7 +231,11 @@ def _trainable(config: dict[str, Any]) -> None:
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
-    train.run(cfg, run_dir, report=report)
+    summary = train.run(cfg, run_dir, report=report)
+    # The trial's last result is what searchers and schedulers read when it completes (Ray's closing result
+    # does not always carry the metrics), and a run that was DONE already reported nothing: report the final
+    # metrics once more.
+    report({**(summary.get("final") or {}), "run_id": results.run_id(cfg)})
 
 
 def _space(spec: SweepSpec) -> dict[str, Any]:
@@ -251,7 +255,7 @@ def _space(spec: SweepSpec) -> dict[str, Any]:
 
 
 def _prepare_study(spec: SweepSpec, root: Path):
-    """The RDB storage, and how many trials remain; trials a killed driver left running are re-queued."""
+    """The RDB storage, trials remaining, trials so far; trials a killed driver left running are re-queued."""
     import optuna
 
     storage = optuna.storages.RDBStorage(f"sqlite:///{root / OPTUNA_DB}")
@@ -263,8 +267,9 @@ def _prepare_study(spec: SweepSpec, root: Path):
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if trial.params:
             study.enqueue_trial(trial.params)  # its run directory resumes from its checkpoint
+    finished = len(study.trials)
     remaining = spec.search.num_samples - len(_finished_trials(study))
-    return storage, max(0, remaining)
+    return storage, max(0, remaining), finished
 
 
 def _events_callback(on_event: Event):
@@ -354,16 +359,17 @@ def run_sweep(
         from ray.tune.schedulers import ASHAScheduler
         from ray.tune.search.optuna import OptunaSearch
 
-        storage, remaining = _prepare_study(spec, root)
+        storage, remaining, existing = _prepare_study(spec, root)
         if remaining:
             searcher = OptunaSearch(
                 metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=storage,
-                seed=spec.search.seed,
+                # The same seed on every invocation would redraw the first invocation's points.
+                seed=spec.search.seed + existing,
             )  # fmt: skip
             scheduler = None
             if spec.search.scheduler == "asha":
                 base_cfg = RunConfig.from_dict({k: _plain(v) for k, v in spec.base}, spec.source)
-                max_evals = -(-base_cfg.epochs // base_cfg.eval_every)  # reports per run: one per eval epoch
+                max_evals = -(-base_cfg.epochs // base_cfg.eval_every) + 1  # one report per eval epoch, one at the end
                 scheduler = ASHAScheduler(
                     time_attr="training_iteration", max_t=max_evals, grace_period=spec.search.grace_period
                 )

@@ -1,0 +1,314 @@
+"""Sweep files: every shipped sweep loads and expands to the runs its grid implies; malformed ones fail with one
+`<file>: <field>: …; allowed: …` error before anything starts; `ibbench sweep --dry-run` lists runs without Ray."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from rich.console import Console
+
+from ibbench import cli, results
+from ibbench.config import ConfigError, RunConfig, load_sweep, read_yaml
+from ibbench.sweep import expand, plan, spec_to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+SWEEP_FILES = sorted((ROOT / "sweeps").glob("*.yaml"))
+SHIPPED = {
+    "quickstart",
+    "noise_ablation",
+    "beta_sweep",
+    "k_ablation",
+    "decoder_comparison",
+    "optuna_beta_k",
+    "paper_cifar10",
+}
+
+# A small valid base: digits has 10 classes, so batch 100 gives 10 samples per class (> k = 3).
+BASE = "name: bad\nbase: {dataset: digits, encoder: mlp, latent_dim: 8, batch_size: 100, k: 3}\n"
+
+
+def write(tmp_path: Path, text: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def expected_runs(raw: dict) -> tuple[int, list]:
+    """(run count, seeds) computed from the file alone: grid product without the decoder axis + baselines × seeds."""
+    grid = raw.get("grid") or {}
+    axes = [values for key, values in grid.items() if key != "decoder"]
+    seeds = grid.get("seed", [(raw.get("base") or {}).get("seed", RunConfig.seed)])
+    return math.prod(len(v) for v in axes) + len(raw.get("baselines") or []) * len(seeds), seeds
+
+
+# -- the shipped sweep files -------------------------------------------------------------------------------------
+
+
+def test_all_sweeps_shipped():
+    assert SHIPPED <= {p.stem for p in SWEEP_FILES}
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_sweep_file_loads_and_expands(path: Path):
+    raw = read_yaml(path)
+    spec = load_sweep(path)
+    assert spec.name == path.stem  # the file name and the output folder agree
+    runs = expand(spec)
+    if "search" in raw:
+        assert runs == []
+        assert spec.search is not None and not spec.grid and not spec.baselines
+        return
+    count, seeds = expected_runs(raw)
+    assert len(runs) == count
+    assert len({results.run_id(r) for r in runs}) == len(runs)
+    grid = raw.get("grid") or {}
+    base = raw.get("base") or {}
+    # The decoder axis folds into every run's decoders list (baselines included): one encoder per combination.
+    decoders = tuple(grid.get("decoder", base.get("decoders", RunConfig.decoders)))
+    assert all(r.decoders == decoders for r in runs)
+    n_grid = count - len(raw.get("baselines") or []) * len(seeds)
+    for key, values in grid.items():
+        if key != "decoder":
+            assert {getattr(r, key) for r in runs[:n_grid]} == set(values), key
+    baselines = raw.get("baselines") or []
+    assert [(r.objective, r.seed) for r in runs[n_grid:]] == [
+        (b.get("objective", base.get("objective", RunConfig.objective)), s) for b in baselines for s in seeds
+    ]
+    for key, value in base.items():
+        if key not in grid and all(key not in b for b in baselines):
+            want = tuple(value) if isinstance(value, list) else value
+            assert all(getattr(r, key) == want for r in runs), key
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
+def test_spec_to_dict_round_trips(path: Path, tmp_path: Path):
+    """sweep.yaml as written into a sweep folder loads back to the same spec and the same runs."""
+    spec = load_sweep(path)
+    copy = write(tmp_path, yaml.safe_dump(spec_to_dict(spec), sort_keys=False), path.name)
+    again = load_sweep(copy)
+    assert spec_to_dict(again) == spec_to_dict(spec)
+    assert [results.run_id(r) for r in expand(again)] == [results.run_id(r) for r in expand(spec)]
+
+
+def test_cifar_sweeps_use_the_paper_model():
+    for path in SWEEP_FILES:
+        spec = load_sweep(path)
+        base = spec.base_dict
+        if base.get("dataset", RunConfig.dataset) == "cifar10":
+            assert base.get("encoder", RunConfig.encoder) == "resnet18", path.name
+            assert base.get("latent_dim", RunConfig.latent_dim) == 256, path.name
+            assert spec.resources.gpu > 0, path.name
+
+
+def test_paper_recipe():
+    spec = load_sweep(ROOT / "sweeps" / "paper_cifar10.yaml")
+    runs = expand(spec)
+    assert {(r.epochs, r.lr, r.lr_patience, r.encoder, r.latent_dim) for r in runs} == {
+        (150, 5e-4, 10, "resnet18", 256)
+    }
+    assert {r.noise for r in runs if r.objective == "ib"} == {True, False}
+    assert {r.objective for r in runs} == {"ib", "ce", "ce_dropconnect"}
+    assert {r.decoders for r in runs} == {("gmm", "resfc")}
+
+
+def test_optuna_search_spec():
+    spec = load_sweep(ROOT / "sweeps" / "optuna_beta_k.yaml")
+    s = spec.search
+    assert (s.algorithm, s.num_samples, s.metric, s.mode, s.scheduler) == (
+        "optuna",
+        32,
+        "test_acc/gmm",
+        "max",
+        "asha",
+    )
+    assert dict((k, (kind, args)) for k, kind, args in s.space) == {
+        "beta": ("uniform", (0.0, 0.99)),
+        "k": ("int", (1, 20)),
+    }
+    assert spec.base_dict["dataset"] == "cifar10"
+    assert "gmm" in spec.base_dict.get("decoders", RunConfig.decoders)  # the metric's decoder is fitted
+    assert plan(spec, Path("/nonexistent")) == []
+
+
+# -- expansion rules ---------------------------------------------------------------------------------------------
+
+
+def test_duplicates_removed(tmp_path: Path):
+    text = BASE + "grid: {beta: [0.1, 0.5, 0.1], decoder: [gmm, resfc, gmm], seed: [0, 1]}\n"
+    text += "baselines: [{objective: ce}, {objective: ce}]\n"
+    runs = expand(load_sweep(write(tmp_path, text)))
+    assert [(r.objective, r.beta, r.seed) for r in runs] == [
+        ("ib", 0.1, 0),
+        ("ib", 0.1, 1),
+        ("ib", 0.5, 0),
+        ("ib", 0.5, 1),
+        ("ce", 0.1, 0),
+        ("ce", 0.1, 1),
+    ]
+    assert {r.decoders for r in runs} == {("gmm", "resfc")}
+
+
+def test_baselines_crossed_with_seeds(tmp_path: Path):
+    text = BASE + "grid: {beta: [0.1, 0.5], seed: [0, 1, 2]}\n"
+    text += "baselines: [{objective: ce, noise: false}, {objective: ce_dropconnect, noise: false}]\n"
+    runs = expand(load_sweep(write(tmp_path, text)))
+    assert len(runs) == 2 * 3 + 2 * 3
+    assert [(r.objective, r.seed, r.noise) for r in runs[6:]] == [
+        (obj, seed, False) for obj in ("ce", "ce_dropconnect") for seed in (0, 1, 2)
+    ]
+
+
+def test_baselines_without_seed_axis_use_base_seed(tmp_path: Path):
+    text = BASE.replace("k: 3}", "k: 3, seed: 7}") + "grid: {beta: [0.1, 0.5]}\nbaselines: [{objective: ce}]\n"
+    runs = expand(load_sweep(write(tmp_path, text)))
+    assert [(r.objective, r.seed) for r in runs] == [("ib", 7), ("ib", 7), ("ce", 7)]
+
+
+def test_no_grid_is_one_run(tmp_path: Path):
+    runs = expand(load_sweep(write(tmp_path, BASE)))
+    assert len(runs) == 1 and runs[0].dataset == "digits"
+
+
+def test_set_overrides_reach_base():
+    path = ROOT / "sweeps" / "quickstart.yaml"
+    plain = load_sweep(path)
+    spec = load_sweep(path, ["epochs=2", "decoders=[gmm,logreg]"])
+    assert spec.base_dict["epochs"] == 2
+    runs = expand(spec)
+    assert len(runs) == len(expand(plain))
+    assert {(r.epochs, r.decoders) for r in runs} == {(2, ("gmm", "logreg"))}
+    assert not {results.run_id(r) for r in runs} & {results.run_id(r) for r in expand(plain)}
+    assert spec_to_dict(spec)["base"]["epochs"] == 2  # what a sweep folder records is the spec as run
+    with pytest.raises(ConfigError, match=r"^--set: betta: unknown field; allowed: .*beta"):
+        load_sweep(path, ["betta=0.3"])
+
+
+def test_plan_reads_states_from_disk(tmp_path: Path):
+    spec = load_sweep(ROOT / "sweeps" / "quickstart.yaml")
+    planned = plan(spec, tmp_path)
+    assert {p.state for p in planned} == {"new"}
+    (planned[0].run_dir).mkdir(parents=True)
+    (planned[0].run_dir / "DONE").write_text("")
+    assert [p.state for p in plan(spec, tmp_path)] == ["done"] + ["new"] * (len(planned) - 1)
+
+
+# -- malformed sweep files ---------------------------------------------------------------------------------------
+
+SEARCH = "search: {algorithm: optuna, space: {beta: {uniform: [0.0, 0.9]}}}\n"
+
+# id -> (file text, the field the error names, text of what is allowed, or None where nothing is)
+MALFORMED = {
+    "unknown_top_level_key": (BASE + "grids: {beta: [0.1]}\n", "grids", "name, base, grid"),
+    "unknown_base_field": ("name: bad\nbase: {dataset: digits, betta: 0.3}\n", "base.betta", "beta"),
+    "base_wrong_type": ("name: bad\nbase: {dataset: digits, epochs: ten}\n", "base.epochs", "an integer"),
+    "grid_key_not_a_field": (BASE + "grid: {gamma: [1, 2]}\n", "grid.gamma", "beta"),
+    "grid_empty_list": (BASE + "grid: {beta: []}\n", "grid.beta", "[0.0, 0.3, 0.6]"),
+    "grid_value_not_a_list": (BASE + "grid: {beta: 0.3}\n", "grid.beta", "[0.0, 0.3, 0.6]"),
+    "grid_beta_out_of_range": (BASE + "grid: {beta: [0.5, 1.5]}\n", "grid.beta", "0 ≤ beta < 1"),
+    "grid_decoder_unknown": (BASE + "grid: {decoder: [gmm, knn]}\n", "grid.decoder", "gmm, logreg, resfc"),
+    "grid_k_too_large_for_batch": (BASE + "grid: {k: [3, 10]}\n", "grid.k", "more than k samples per class"),
+    "grid_decoder_and_decoders": (BASE + "grid: {decoder: [gmm], decoders: [[gmm]]}\n", "grid.decoder", None),
+    "name_escapes": (BASE.replace("name: bad", "name: ../escape"), "name", "lower-case letters"),
+    "name_upper_case": (BASE.replace("name: bad", "name: Upper"), "name", "lower-case letters"),
+    "name_missing": (BASE.replace("name: bad\n", ""), "name", "lower-case letters"),
+    "baselines_not_a_list": (BASE + "baselines: {objective: ce}\n", "baselines", "[{objective: ce}]"),
+    "baseline_unknown_field": (BASE + "baselines: [{objectiv: ce}]\n", "baselines[0].objectiv", "objective"),
+    "baseline_unknown_objective": (BASE + "baselines: [{objective: mse}]\n", "baselines[0].objective", "ce"),
+    "search_algorithm": (BASE + SEARCH.replace("optuna", "hyperopt"), "search.algorithm", "optuna"),
+    "search_domain": (BASE + SEARCH.replace("uniform", "normal"), "search.space.beta", "uniform"),
+    "search_reversed": (BASE + SEARCH.replace("[0.0, 0.9]", "[0.9, 0.1]"), "search.space.beta.uniform", "lo < hi"),
+    "search_beta_endpoint": (BASE + SEARCH.replace("0.9]", "1.5]"), "search.space.beta", "0 ≤ beta < 1"),
+    "search_not_a_field": (BASE + SEARCH.replace("beta:", "gamma:"), "search.space.gamma", "beta"),
+    "search_scheduler": (BASE + SEARCH.replace("}}}", "}}, scheduler: pbt}"), "search.scheduler", "none, asha"),
+    "search_with_grid": (BASE + SEARCH + "grid: {seed: [0, 1]}\n", "search", "either grid/baselines or search"),
+    "resources_unknown_key": (BASE + "resources: {cpus: 2}\n", "resources.cpus", "cpu, gpu"),
+    "resources_negative_gpu": (BASE + "resources: {gpu: -1}\n", "resources.gpu", "a number ≥ 0"),
+    "resources_zero_cpu": (BASE + "resources: {cpu: 0}\n", "resources.cpu", "a number ≥ 0.01"),
+    "max_concurrent_zero": (BASE + "max_concurrent: 0\n", "max_concurrent", "an integer ≥ 1"),
+    "yaml_syntax": ("name: bad\nbase: {dataset: digits\n", "line 3", None),
+    "empty_file": ("", "(top level)", "name, base, grid"),
+    "top_level_list": ("- name: bad\n", "(top level)", "name, base, grid"),
+}
+
+
+@pytest.mark.parametrize("case", MALFORMED, ids=str)
+def test_malformed_sweep(tmp_path: Path, case: str):
+    text, field, allowed = MALFORMED[case]
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {field}: "), message
+    assert "\n" not in message
+    if allowed is not None:
+        assert "; allowed: " in message and allowed in message.split("; allowed: ", 1)[1], message
+
+
+def test_missing_sweep_file(tmp_path: Path):
+    path = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError, match=r"^.*nope\.yaml: \(file\): cannot read"):
+        load_sweep(path)
+
+
+# -- ibbench sweep --dry-run -------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def wide_console(monkeypatch):
+    """A console wide enough that no table cell is cut, writing to the (captured) sys.stdout."""
+    monkeypatch.setattr(cli, "console", Console(width=250, color_system=None))
+
+
+def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
+    ray_before = "ray" in sys.modules
+    spec_path = ROOT / "sweeps" / "quickstart.yaml"
+    out = tmp_path / "runs"
+    assert cli.main(["sweep", str(spec_path), "--dry-run", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    runs = expand(load_sweep(spec_path))
+    assert f"{len(runs)} runs: {len(runs)} new" in text
+    for cfg in runs:
+        assert results.run_id(cfg) in text
+    assert text.count(" new ") >= len(runs)  # one state cell per run
+    assert not out.exists()  # a dry run writes nothing
+    if not ray_before:
+        assert "ray" not in sys.modules  # and never starts (or imports) Ray
+
+    # --set reaches the runs: other run_ids; a finished run shows as done.
+    planned = plan(load_sweep(spec_path, ["epochs=2"]), out)
+    planned[0].run_dir.mkdir(parents=True)
+    (planned[0].run_dir / "DONE").write_text("")
+    assert cli.main(["sweep", str(spec_path), "--dry-run", "--out", str(out), "--set", "epochs=2"]) == 0
+    text = capsys.readouterr().out
+    assert f"{len(runs)} runs: 1 done, {len(runs) - 1} new" in text
+    assert all(p.run_id in text for p in planned)
+
+
+def test_dry_run_search(tmp_path: Path, capsys, wide_console):
+    path = ROOT / "sweeps" / "optuna_beta_k.yaml"
+    assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "runs")]) == 0
+    text = capsys.readouterr().out
+    assert "32" in text and "test_acc/gmm" in text
+
+
+@pytest.mark.parametrize("case", ["name_escapes", "grid_beta_out_of_range", "yaml_syntax", "empty_file"])
+def test_dry_run_malformed_exits_2(tmp_path: Path, capsys, case: str):
+    text, field, _ = MALFORMED[case]
+    path = write(tmp_path, text)
+    assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "runs")]) == 2
+    captured = capsys.readouterr()
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {path}: {field}: "), lines[0]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_bad_set_exits_2(tmp_path: Path, capsys):
+    path = ROOT / "sweeps" / "quickstart.yaml"
+    assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path), "--set", "betta=0.3"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: --set: betta: unknown field"), lines
