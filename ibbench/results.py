@@ -6,12 +6,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -31,6 +34,8 @@ DONE = "DONE"
 # Fields that say where a run executes, not what it computes: two machines running the same experiment must
 # share one run directory, so these stay out of the run's identity.
 PLACEMENT_FIELDS = ("data_dir", "download", "device")
+
+LOCK = ".lock"
 
 STATES = ("done", "stopped", "failed", "incomplete", "new")
 
@@ -159,6 +164,41 @@ def run_state(run_dir: Path) -> str:
 def clear_failure(run_dir: Path) -> None:
     """Forget a failed run's summary so it can be retried (its checkpoint, if any, is kept to resume from)."""
     (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
+
+
+class RunLocked(RuntimeError):
+    """Another live process is training this run directory."""
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path, wait_s: float = 120.0) -> Iterator[None]:
+    """Exclusive lock on a run directory while it trains; waits up to wait_s for a previous holder to exit.
+
+    A killed sweep driver can leave its trials running for a few seconds: the lock (released by the kernel
+    when its holder dies) keeps a re-run from training the same run twice at once.
+    """
+    path = Path(run_dir) / LOCK
+    with path.open("a+") as handle:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.seek(0)
+                    raise RunLocked(
+                        f"{run_dir} is being trained by another process ({handle.read().strip()})"
+                    ) from None
+                time.sleep(0.5)
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def iter_run_dirs(root: Path) -> Iterator[Path]:

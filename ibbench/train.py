@@ -262,7 +262,25 @@ def run(
     except ValueError as exc:  # e.g. a batch larger than the training set
         raise ConfigError("<config>", "batch_size", str(exc)) from None
     run_dir.mkdir(parents=True, exist_ok=True)
-    results.write_config(run_dir, cfg)
+    with results.run_lock(run_dir):
+        if results.run_state(run_dir) == "done":  # finished by whoever held the lock before us
+            return results.read_summary(run_dir) or {}
+        results.write_config(run_dir, cfg)
+        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress)
+
+
+def _train(
+    cfg: RunConfig,
+    run_dir: Path,
+    data: Dataset,
+    device: torch.device,
+    loader: DeviceLoader,
+    rid: str,
+    started_at: str,
+    report: Reporter | None,
+    progress: Reporter | None,
+) -> dict[str, Any]:
+    """The body of run(), under the run directory's lock."""
     model = _build(cfg, data, device)
     params = list(model.encoder.parameters()) + list(model.objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)

@@ -228,3 +228,14 @@ def load_ok(root: Path) -> pd.DataFrame:
     assert isinstance(frame, pd.DataFrame)
     json.dumps(frame.drop(columns=["decoders", "fgsm_eps"]).to_dict("records"), default=str)  # plain values
     return frame
+
+
+def test_run_lock_keeps_a_second_trainer_out(tmp_path):
+    from ibbench.results import RunLocked, run_lock
+
+    with run_lock(tmp_path):
+        with pytest.raises(RunLocked, match="another process"):
+            with run_lock(tmp_path, wait_s=0.2):
+                pass
+    with run_lock(tmp_path, wait_s=0.2):  # released when the holder leaves
+        pass
