@@ -176,11 +176,70 @@ def _sweep_command(args: argparse.Namespace) -> int:
     ):
         check_available(dataset, data_dir, download)
     if args.launcher != "local":
-        from ibbench.launch import slurm
-
-        return slurm.submit_command(spec, out, args, console, err_console)
+        return _submit_slurm(spec, out, args)
     metric, mode = sweep_metric(spec)
     return _run_local_sweep(spec, out, metric, mode, args.retry_failed)
+
+
+def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
+    import time
+
+    from ibbench.launch import slurm
+    from ibbench.sweep import plan, sweep_dir
+
+    if not args.cluster:
+        raise ConfigError(
+            "--cluster", "--cluster", "the slurm launchers need a cluster file", "--cluster slurm/cluster.yaml"
+        )
+    cluster = slurm.load_cluster(args.cluster)
+    submission = slurm.submit(spec, out, cluster, args.launcher, retry_failed=args.retry_failed)
+    root = sweep_dir(spec, out)
+    if submission.skipped_active:
+        console.print(
+            f"{len(submission.skipped_active)} runs are covered by jobs still queued or running; not resubmitted"
+        )
+    if not submission.jobs:
+        console.print(f"sweep {spec.name}: nothing to submit — {_counts(p.state for p in plan(spec, out))}")
+        return 0
+    ids = [j.job_id for j in submission.jobs]
+    shown = ids if len(ids) <= 6 else [*ids[:3], "…", *ids[-2:]]
+    console.print(f"submitted {len(submission.runs)} runs as {len(ids)} SLURM job(s): {' '.join(shown)}")
+    console.print(f"logs: {submission.log_dir}/<job id>/")
+    console.print(f"follow with: ibbench status {root}")
+    if not args.wait:
+        return 0
+    runs = set(submission.runs)
+    with Live(console=console, refresh_per_second=1) as live:
+        while True:
+            finished = [j for j in submission.jobs if j.done()]
+            states = [p.state for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
+            live.update(f"jobs {len(finished)}/{len(ids)} ended — runs: {_counts(states)}")
+            if len(finished) == len(ids):
+                break
+            time.sleep(3)
+    bad = 0
+    for job in submission.jobs:
+        error = job.exception()  # None when the job returned; sacct's state can lag behind the result file
+        if error is not None:
+            bad += 1
+            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+            err_console.print(
+                f"job {job.job_id} ended {job.state}: {reason}; logs {job.paths.stdout} {job.paths.stderr}",
+                markup=False,
+            )
+    after = [p for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
+    for p in after:
+        if p.state == "failed":
+            reason = (results_summary(p.run_dir) or {}).get("reason", "?")
+            err_console.print(f"failed: {p.run_id}: {reason}", markup=False)
+    console.print(f"{_counts(p.state for p in after)}")
+    return 0 if not bad and all(p.state in ("done", "stopped") for p in after) else 1
+
+
+def results_summary(run_dir: Path):
+    from ibbench import results
+
+    return results.read_summary(run_dir)
 
 
 def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool) -> int:
@@ -284,6 +343,28 @@ def _status_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report_command(args: argparse.Namespace) -> int:
+    from ibbench import report, results
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise ConfigError(str(root), "DIR", "no such folder", "a sweep's output folder, e.g. runs/quickstart")
+    runs = results.load_runs(root)
+    if runs.empty:
+        raise ConfigError(str(root), "DIR", "no run directories (with config.json) below it",
+                          "a sweep's output folder, e.g. runs/quickstart")  # fmt: skip
+    out = Path(args.out) if args.out else root / "report"
+    written = report.write_report(root, out)
+    console.print(f"report on {len(runs)} runs ({_counts(runs['status'])}): {len(written)} files in {out}",
+                  soft_wrap=True)  # fmt: skip
+    console.print(f"open {out / 'report.html'} (self-contained) or {out / 'report.md'}", soft_wrap=True)
+    unfinished = runs[runs["status"] != "done"]
+    if not unfinished.empty:
+        console.print(f"[yellow]{len(unfinished)} runs not finished[/yellow] are listed in the report's "
+                      "'Runs not finished' section with their reasons")  # fmt: skip
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ibbench",
@@ -314,6 +395,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("dir", help="a sweep folder (OUT/<sweep>) or an output root")
     status.add_argument("--top", type=int, default=5, help="how many of the best runs to list")
     status.set_defaults(handler=_status_command)
+
+    report = sub.add_parser("report", help="tables (md, html, csv, tex) and the paper's figures from a sweep folder")
+    report.add_argument("dir", help="a sweep folder (OUT/<sweep>) or an output root")
+    report.add_argument("--out", help="where the report goes (default: DIR/report)")
+    report.set_defaults(handler=_report_command)
     return parser
 
 
