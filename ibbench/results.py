@@ -224,7 +224,10 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
     row["status"] = state
     summary = read_summary(run_dir) or {}
     if state == "done":
-        row.update({k: v for k, v in (summary.get("final") or {}).items() if k not in ("run_id", "epoch")})
+        for key, value in (summary.get("final") or {}).items():
+            if key not in ("run_id", "epoch"):
+                # A metric named like a config field (the final "lr") must not overwrite the configured value.
+                row[f"final/{key}" if key in row else key] = value
     elif state == "incomplete":
         metrics = read_metrics(run_dir)
         row["epochs_done"] = max((int(m.get("epoch", 0)) for m in metrics), default=0)
@@ -261,5 +264,8 @@ def load_metrics(root: Path | str) -> pd.DataFrame:
             config = {}
         state = run_state(run_dir)
         for metric in read_metrics(run_dir):
-            rows.append({**config, "sweep": run_dir.parent.name, "status": state, **metric, "run_id": run_dir.name})
+            # The per-epoch "lr" must not overwrite the configured one: metrics named like config fields get
+            # an "epoch/" prefix.
+            renamed = {f"epoch/{k}" if k in config else k: v for k, v in metric.items()}
+            rows.append({**config, "sweep": run_dir.parent.name, "status": state, **renamed, "run_id": run_dir.name})
     return _frame(rows)

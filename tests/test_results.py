@@ -239,3 +239,20 @@ def test_run_lock_keeps_a_second_trainer_out(tmp_path):
                 pass
     with run_lock(tmp_path, wait_s=0.2):  # released when the holder leaves
         pass
+
+
+def test_final_metrics_never_overwrite_config_fields(tmp_path):
+    from ibbench.config import RunConfig
+    from ibbench.results import append_metrics, load_metrics, load_runs, mark_done, write_config, write_summary
+
+    cfg = RunConfig.from_dict({"dataset": "digits", "encoder": "mlp", "lr": 0.001})
+    run_dir = tmp_path / "s" / "r"
+    run_dir.mkdir(parents=True)
+    write_config(run_dir, cfg)
+    append_metrics(run_dir, {"epoch": 1, "lr": 0.0003, "acc/gmm": 0.9})
+    write_summary(run_dir, {"status": "done", "final": {"epoch": 1, "lr": 0.0003, "acc/gmm": 0.9}})
+    mark_done(run_dir)
+    runs = load_runs(tmp_path)
+    assert runs.loc[0, "lr"] == 0.001 and runs.loc[0, "final/lr"] == 0.0003
+    metrics = load_metrics(tmp_path)
+    assert metrics.loc[0, "lr"] == 0.001 and metrics.loc[0, "epoch/lr"] == 0.0003
