@@ -273,9 +273,21 @@ def _submission_error(cluster: ClusterConfig, exc: Exception) -> ConfigError:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     lines = [line.strip() for line in text.splitlines() if "error" in line.lower()] or [text.strip()]
-    message = lines[-1].removeprefix("sbatch: error: ")
+    message = lines[0].removeprefix("sbatch: error: ")
     field = "partition" if "partition" in message.lower() else "account" if "account" in message.lower() else "(sbatch)"
     return ConfigError(cluster.source, field, f"SLURM refused the job: {message}")
+
+
+def _check_partition(cluster: ClusterConfig) -> None:
+    """Ask SLURM about the partition before submitting, so a typo is one line naming the cluster file."""
+    if not cluster.partition:
+        return
+    proc = subprocess.run(["scontrol", "show", "partition", cluster.partition], capture_output=True, text=True)
+    if proc.returncode != 0:
+        answer = (proc.stderr or proc.stdout).strip().splitlines()
+        names = subprocess.run(["sinfo", "--noheader", "--format=%R"], capture_output=True, text=True).stdout.split()
+        raise ConfigError(cluster.source, "partition", f"SLURM says: {answer[0] if answer else 'invalid partition'}",
+                          ", ".join(sorted(set(names))) or None)  # fmt: skip
 
 
 def _active_runs(root: Path) -> set[str]:
@@ -325,6 +337,7 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
         for p in todo:
             if p.state == "failed":
                 results.clear_failure(p.run_dir)
+    _check_partition(cluster)
     executor = _executor(spec, out, cluster)
     try:
         if launcher == "slurm-array":
