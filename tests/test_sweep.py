@@ -173,3 +173,25 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
     for rid, fingerprint in done_before.items():
         assert tree_fingerprint(out / "kill" / rid) == fingerprint
     assert set(outcome.skipped) == set(done_before)
+
+
+def test_asha_stops_are_final_and_not_retrained(tmp_path, ray_runtime):
+    search = {
+        "algorithm": "optuna",
+        "num_samples": 4,
+        "metric": "test_acc/gmm",
+        "mode": "max",
+        "scheduler": "asha",
+        "grace_period": 1,
+        "space": {"beta": {"uniform": [0.0, 0.95]}},
+    }
+    spec_path = write_spec(tmp_path / "asha.yaml", name="asha", base={**TINY_BASE, "epochs": 4}, search=search)
+    out = tmp_path / "out"
+    outcome = run_sweep(load_sweep(spec_path), out)
+    assert outcome.ok, outcome.states
+    assert set(outcome.states.values()) <= {"done", "stopped"} and len(outcome.states) == 4
+    for rid, state in outcome.states.items():
+        if state == "stopped":
+            assert "ASHA" in results.read_summary(out / "asha" / rid)["reason"]
+    again = run_sweep(load_sweep(spec_path), out)
+    assert again.trained == [] and again.states == outcome.states
