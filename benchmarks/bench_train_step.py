@@ -164,12 +164,15 @@ def eval_share(
     )
     print(f"  training epoch: {epoch:.3f} s (median of {repeats})")
     default_every = RunConfig().eval_every
+    splits = train._Splits(
+        trainer.loader.x, trainer.loader.y, data.test_x.to(device), data.test_y.to(device), data.info.num_classes
+    )
     for width in widths:
         cfg = base.replace(probe_width=width)
         evals, planes = [], []
         for r in range(eval_repeats):
             train.seed_everything(r)
-            evals.append(timed(lambda cfg=cfg: train._evaluate(cfg, trainer.model, data, device), device))
+            evals.append(timed(lambda cfg=cfg: train._evaluate(cfg, trainer.model, splits), device))
             z = encode(trainer.model.encoder, data.test_x.to(device), noise=True)
             y = data.test_y.to(device)
             train.seed_everything(r)
