@@ -4,7 +4,8 @@ H(Z) ≈ ψ(N) − ψ(k) + log V_d + (d / 2N) Σ_i log r_i², with r_i the Eucli
 nearest other sample and V_d = π^{d/2} / Γ(d/2 + 1) the unit ball's volume: Kraskov et al. (2004) eq. 20 with
 ε = 2r and c_d = V_d / 2^d. The paper's eq. 11 prints −ψ(N), a sign typo (see ../shared/DESIGN.md).
 
-The neighbour search runs without gradient in row blocks scored by one matmul each; the selected pairs' squared
+The neighbour search runs without gradient in strips of rows scored by one matmul each, over the upper triangle of
+the distance matrix only (each pair is scored once and serves both of its samples); the selected pairs' squared
 distances are then recomputed from the inputs with gradient, so the backward pass touches N·k pairs, not N².
 """
 
@@ -20,12 +21,15 @@ ZERO_ENTROPY_STD = (2 * math.pi * math.e) ** -0.5  # N(0, σ²I) with σ² = 1/(
 
 # Score-matrix budget per block: large enough that the matmul dominates, small enough for a laptop.
 _BLOCK_BYTES = 128 * 2**20
-# Rows per strip of the symmetric search (measured on a 2-core CPU at N = 1024–16384, d = 16–256): shorter strips
-# skip more of the lower triangle, taller ones run the matmul and the reductions at a better rate.
+# Rows per strip of the symmetric search, measured on a 2-core CPU at N = 1024–16384, d = 16–256 (384–768 were
+# within a few per cent of each other): shorter strips skip more of the lower triangle, taller ones pay less
+# per-strip overhead.
 _STRIP_ROWS = 512
 # A row's float32 search is trusted only when its k-th squared distance is this many float32 rounding units
 # above the cancellation error of ‖a‖² + ‖b‖² − 2ab; other rows are searched again in float64.
 _SEARCH_SAFETY = 1e4
+# A strip's columns are screened by the minima of groups of this many rows (measured: 8–16 best).
+_SCREEN_ROWS = 16
 
 
 def log_unit_ball_volume(d: int) -> float:
@@ -81,6 +85,13 @@ def _augmented(zc: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat([-2.0 * zc, ones, sq], 1), torch.cat([zc, sq, ones], 1)
 
 
+def _smallest(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min(k, width) smallest values of each row of x, ascending, and their columns."""
+    if k == 1:
+        return x.min(1, keepdim=True)
+    return torch.topk(x, min(k, x.shape[1]), dim=1, largest=False)
+
+
 class _KSmallest:
     """Each row's k smallest squared distances seen so far and their sample indices, ascending."""
 
@@ -93,45 +104,72 @@ class _KSmallest:
         """The k-th smallest so far: a candidate must be below it to enter."""
         return self.values[rows, -1]
 
-    def offer(self, rows: slice | torch.Tensor, scores: torch.Tensor, first_sample: int) -> None:
-        """Merge candidates from scores (one row per given row; column c is sample first_sample + c)."""
+    def offer(self, rows: slice | torch.Tensor, scores: torch.Tensor, indices: torch.Tensor | int) -> None:
+        """Candidates for the given rows: one row of scores each, column c against sample indices[:, c] (an index
+        tensor shaped like scores) or sample indices + c (an int)."""
+        values, cols = _smallest(scores, self.k)
+        cols = cols + indices if isinstance(indices, int) else indices.gather(1, cols)
         if self.k == 1:
-            values, cols = scores.min(1, keepdim=True)
             better = values < self.values[rows]
             self.values[rows] = torch.where(better, values, self.values[rows])
-            self.indices[rows] = torch.where(better, cols + first_sample, self.indices[rows])
+            self.indices[rows] = torch.where(better, cols, self.indices[rows])
             return
-        # A strip narrower than k offers all its columns; the merge below keeps the k best.
-        values, cols = torch.topk(scores, min(self.k, scores.shape[1]), dim=1, largest=False)
         values = torch.cat([self.values[rows], values], 1)
-        indices = torch.cat([self.indices[rows], cols + first_sample], 1)
+        cols = torch.cat([self.indices[rows], cols], 1)
         values, order = torch.topk(values, self.k, dim=1, largest=False)  # sorted ascending
         self.values[rows] = values
-        self.indices[rows] = indices.gather(1, order)
+        self.indices[rows] = cols.gather(1, order)
+
+    def offer_pairs(self, rows: torch.Tensor, values: torch.Tensor, indices: torch.Tensor) -> None:
+        """Scattered candidates: values[m] is the squared distance from sample rows[m] to sample indices[m]."""
+        if rows.numel() == 0:
+            return
+        rows, order = torch.sort(rows, stable=True)
+        touched, counts = torch.unique_consecutive(rows, return_counts=True)
+        # Lay each row's candidates out in one row of a padded (touched rows × most candidates) matrix.
+        group = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
+        slot = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[group]
+        width = int(counts.max())
+        padded = values.new_full((touched.numel(), width), math.inf)
+        padded_indices = indices.new_zeros((touched.numel(), width))
+        padded[group, slot] = values[order]
+        padded_indices[group, slot] = indices[order]
+        self.offer(touched, padded, padded_indices)
 
 
-def _symmetric_search(rows_aug: torch.Tensor, cols_aug: torch.Tensor, k: int, strip: int) -> torch.Tensor:
-    """Index of every sample's k-th nearest other sample, scoring each pair once.
+def _symmetric_search(
+    rows_aug: torch.Tensor, cols_aug: torch.Tensor, k: int, strip: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sample's k-th nearest other sample and its squared distance as scored, scoring each pair once.
 
-    Strip s holds rows [i0, i1) against samples [i0, N): its rows give candidates to samples [i0, i1) and its
-    columns beyond the diagonal block give candidates to samples [i1, N), so only the upper triangle is computed.
+    The strip of rows [i0, i1) is scored against samples [i0, N) only: the upper triangle, about half the
+    matmul of a full search. Its rows give samples [i0, i1) their candidates among [i0, N) (a row-wise min or
+    topk, fast). Its columns right of the diagonal block give each later sample j its candidates among [i0, i1);
+    a column-wise min or topk (or a transposed copy) would cost as much as the matmul saved, but strips run
+    bottom-up, so j has already seen all of [i1, N) and only the few entries below its k-th distance so far
+    can enter. Those are found by comparing that bound with the minima of groups of 16 rows (a column-wise amin,
+    which vectorises well), then with the entries of the groups that pass.
     """
     n = rows_aug.shape[0]
     best = _KSmallest(n, k, rows_aug)
-    for i0 in range(0, n, strip):
+    buffer = rows_aug.new_empty(min(strip, n) * n)  # one allocation: fresh pages for every strip cost time
+    for i0 in reversed(range(0, n, strip)):
         i1 = min(i0 + strip, n)
-        scores = rows_aug[i0:i1] @ cols_aug[i0:].t()  # (i1 − i0, N − i0) full squared distances
+        rows, width = i1 - i0, n - i0
+        scores = torch.mm(rows_aug[i0:i1], cols_aug[i0:].t(), out=buffer[: rows * width].view(rows, width))
         scores.diagonal().fill_(math.inf)  # self-pairs masked by index
         best.offer(slice(i0, i1), scores, i0)
         if i1 == n:
-            break
-        below = scores[:, i1 - i0 :]  # pairs (i, j) with i in this strip, j ≥ i1: candidates for the j
-        # Reducing along dim 0 is slow for topk and argmin but fast for amin: find the columns that can improve
-        # their sample's k-th distance, and give only those a row-wise pass (late strips improve few).
-        improves = (below.amin(0) < best.bound(slice(i1, n))).nonzero().squeeze(1)
-        if improves.numel():
-            best.offer(improves + i1, below.t()[improves], i0)
-    return best.indices[:, k - 1]
+            continue
+        right = scores[:, rows:]  # (i, j) holds sample i0 + i against sample i1 + j
+        bound = best.bound(slice(i1, n))
+        group = math.gcd(rows, _SCREEN_ROWS)  # a divisor of the strip height: 16 for the default heights
+        grouped = right.unflatten(0, (-1, group))  # (cell, t, j) holds sample i0 + cell · group + t against i1 + j
+        cells, j = (grouped.amin(1) < bound).nonzero(as_tuple=True)
+        values = grouped[cells, :, j]  # (passing cells, group)
+        c, t = (values < bound[j].unsqueeze(1)).nonzero(as_tuple=True)
+        best.offer_pairs(j[c] + i1, values[c, t], cells[c] * group + t + i0)
+    return best.indices[:, k - 1], best.values[:, k - 1]
 
 
 def _rows_search(
@@ -153,8 +191,9 @@ def _rows_search(
 def knn_neighbours(z: torch.Tensor, k: int = 1, block_size: int | None = None) -> torch.Tensor:
     """Index (N,) of each sample's k-th nearest other sample (Euclidean), found without gradient.
 
-    The search scores samples in strips of block_size rows against the N samples (a score matrix of at most
-    block_size × N); block_size=None picks the measured best height, capped so a strip stays near 128 MB.
+    block_size bounds the score matrix to block_size rows × N columns (block_size // 2 rows in the float64
+    re-search of unsure rows). block_size=None uses 512 rows (measured best), fewer where N is so large that a
+    strip would exceed 128 MB.
     """
     _check_input(z, k)
     with torch.no_grad(), _exact_matmul(z.device):
@@ -163,14 +202,14 @@ def knn_neighbours(z: torch.Tensor, k: int = 1, block_size: int | None = None) -
         zc = zc - zc.mean(0, keepdim=True)  # centring keeps ‖a‖² small next to the distances
         n = zc.shape[0]
         block = block_size or default_block_size(n, zc.element_size())
-        index = _symmetric_search(*_augmented(zc), k, block)
+        rows_aug, cols_aug = _augmented(zc)
+        index, found = _symmetric_search(rows_aug, cols_aug, k, block)
         if search_dtype == torch.float32:
-            # The expanded form's rounding error scales with ‖a‖² + ‖b‖². Rows whose neighbour distance is
-            # not far above it (tight clusters far from the centre; low d with large N) are searched again
-            # in float64, where that error is 2⁻²⁹ times smaller.
-            sq = (zc * zc).sum(1)
-            exact = (zc - zc[index]).pow(2).sum(1)
-            unsure = exact <= _SEARCH_SAFETY * torch.finfo(torch.float32).eps * (sq + sq.max())
+            # The expanded form's rounding error scales with ‖a‖² + ‖b‖². Rows whose neighbour distance (as
+            # scored, so off by at most that error) is not far above it (tight clusters far from the centre; low d
+            # with large N) are searched again in float64, where that error is 2⁻²⁹ times smaller.
+            sq = cols_aug[:, -2]
+            unsure = found <= _SEARCH_SAFETY * torch.finfo(torch.float32).eps * (sq + sq.max())
             if bool(unsure.any()):
                 rows = unsure.nonzero().squeeze(1)
                 z64 = z.detach().to(torch.float64)
