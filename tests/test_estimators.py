@@ -235,3 +235,29 @@ def test_class_with_too_few_samples_is_named():
     y = torch.tensor([0] * 17 + [7] * 3)
     with pytest.raises(ValueError, match="class 7 has 3 samples"):
         conditional_knn_entropy(z, y, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_balanced_classes_batched_path_matches_the_per_class_loop(dtype):
+    g = torch.Generator().manual_seed(12)
+    z = torch.randn(130, 32, generator=g, dtype=dtype)
+    z[::2] += 5.0  # an offset half, so classes differ
+    y = torch.randperm(130, generator=g) % 10  # 13 per class, shuffled
+    z1 = z.clone().requires_grad_(True)
+    batched = conditional_knn_entropy(z1, y, 3)
+    batched.backward()
+    z2 = z.clone().requires_grad_(True)
+    loop = torch.stack([knn_entropy(z2[y == c], 3) for c in range(10)]).mean()
+    loop.backward()
+    tol = 1e-10 if dtype == torch.float64 else 1e-4
+    assert float(batched) == pytest.approx(float(loop), abs=tol)
+    torch.testing.assert_close(z1.grad, z2.grad, rtol=tol, atol=tol)
+
+
+def test_balanced_tight_far_clusters_fall_back_to_the_exact_search():
+    g = torch.Generator().manual_seed(13)
+    centres = torch.tensor([[60.0] * 16, [-60.0] * 16])
+    z = (centres.repeat_interleave(200, 0) + 1e-3 * torch.randn(400, 16, generator=g)).float()
+    y = torch.arange(400) // 200
+    ref = (reference_entropy(z[:200].double().numpy(), 2) + reference_entropy(z[200:].double().numpy(), 2)) / 2
+    assert float(conditional_knn_entropy(z, y, 2)) == pytest.approx(ref, rel=1e-4)
