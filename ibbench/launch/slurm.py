@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -20,74 +19,15 @@ from pathlib import Path
 from typing import Any
 
 from ibbench import results
-from ibbench.config import ConfigError, RunConfig, SweepSpec, read_yaml
+from ibbench.config import ClusterConfig, ConfigError, RunConfig, SweepSpec, load_cluster
 from ibbench.sweep import PlannedRun, plan, run_sweep, sweep_dir
+
+__all__ = ["AllocationJob", "ClusterConfig", "RunJob", "Submission", "load_cluster", "submit"]
 
 log = logging.getLogger(__name__)
 
 SLURM_DIR = ".slurm"  # <out>/<sweep>/.slurm: submitit's folder, logs, the submissions ledger
 LEDGER = "submissions.jsonl"
-
-
-@dataclass(frozen=True)
-class ClusterConfig:
-    """Where and how big the SLURM jobs are; validated by load_cluster."""
-
-    partition: str | None = None  # SLURM partition; None: the cluster's default
-    account: str | None = None  # --account, where clusters bill by project
-    qos: str | None = None  # --qos
-    time_min: int = 240  # wall-time limit of each job, minutes; jobs requeue themselves when it runs out
-    nodes: int = 1  # allocation launcher: nodes of the Ray cluster (one task per node)
-    cpus_per_node: int = 8  # allocation launcher: CPUs of each node's task
-    gpus_per_node: int = 0  # allocation launcher: GPUs of each node
-    mem_gb: float | None = None  # memory per job (allocation node or array task); None: the cluster's default
-    setup: tuple[str, ...] = ()  # shell lines run before python (module load, activate an environment)
-    sbatch: tuple[tuple[str, Any], ...] = ()  # extra sbatch parameters, e.g. {constraint: a100, exclude: node7}
-    array_parallelism: int = 16  # slurm-array: array tasks running at once
-    max_requeues: int = 5  # requeues after timeout/preemption before a job gives up
-    source: str = "<cluster>"  # the file it came from, for messages
-
-
-def load_cluster(path: str | Path) -> ClusterConfig:
-    """ClusterConfig from a YAML file; ConfigError names the file and field."""
-    source = str(path)
-    raw = read_yaml(path)
-    if raw is None:
-        raw = {}
-    names = [f.name for f in dataclasses.fields(ClusterConfig) if f.name != "source"]
-    if not isinstance(raw, dict):
-        raise ConfigError(source, "(top level)", "expected a mapping of cluster fields", ", ".join(names))
-    for key in raw:
-        if key not in names:
-            raise ConfigError(source, str(key), "unknown field", ", ".join(names))
-    values: dict[str, Any] = {"source": source}
-    for key in ("partition", "account", "qos"):
-        if raw.get(key) is not None:
-            if not isinstance(raw[key], str) or not raw[key] or any(c.isspace() for c in raw[key]):
-                raise ConfigError(source, key, f"{raw[key]!r} is not a name", "a SLURM name without spaces")
-            values[key] = raw[key]
-    minimums = {"time_min": 1, "nodes": 1, "cpus_per_node": 1, "gpus_per_node": 0, "array_parallelism": 1,
-                "max_requeues": 0}  # fmt: skip
-    for key, minimum in minimums.items():
-        if key in raw:
-            value = raw[key]
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-                raise ConfigError(source, key, f"{value!r} is not an integer ≥ {minimum}", f"an integer ≥ {minimum}")
-            values[key] = value
-    if raw.get("mem_gb") is not None:
-        mem = raw["mem_gb"]
-        if isinstance(mem, bool) or not isinstance(mem, (int, float)) or mem <= 0:
-            raise ConfigError(source, "mem_gb", f"{mem!r} is not a positive number", "GB, e.g. 64")
-        values["mem_gb"] = float(mem)
-    setup = raw.get("setup") or []
-    if not isinstance(setup, list) or not all(isinstance(line, str) for line in setup):
-        raise ConfigError(source, "setup", "expected a list of shell lines", "e.g. [module load cuda]")
-    values["setup"] = tuple(setup)
-    sbatch = raw.get("sbatch") or {}
-    if not isinstance(sbatch, dict):
-        raise ConfigError(source, "sbatch", "expected a mapping of sbatch options", "e.g. {constraint: a100}")
-    values["sbatch"] = tuple((str(k), v) for k, v in sbatch.items())
-    return ClusterConfig(**values)
 
 
 # -- what runs inside the jobs -----------------------------------------------------------------------------------
