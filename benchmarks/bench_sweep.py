@@ -73,19 +73,27 @@ def main() -> int:
         sequential = time.perf_counter() - t0
         per_run = sequential / args.runs
 
+        half = max(1, args.runs // 2)
+        # Serial sweeps (cpu: 2 per trial, so one at a time) of N/2 and N runs: T(n) = fixed + n · per_trial.
+        serial_half = timed_sweep(write_spec(tmp, "serial_half", half, args.epochs, 2), tmp / "out")
         one_at_a_time = timed_sweep(write_spec(tmp, "serial", args.runs, args.epochs, 2), tmp / "out")
-        fixed = timed_sweep(tmp / "serial.yaml", tmp / "out")  # everything DONE: start-up, planning, exit
         two_at_a_time = timed_sweep(write_spec(tmp, "pair", args.runs, args.epochs, 1), tmp / "out")
+        nothing = timed_sweep(tmp / "serial.yaml", tmp / "out")  # all DONE: answered from the files, no Ray
 
-    overhead = (one_at_a_time - fixed) / args.runs - per_run
+    per_trial = (one_at_a_time - serial_half) / (args.runs - half)
+    fixed = one_at_a_time - args.runs * per_trial
+    overhead = per_trial - per_run
     print(f"torch {torch.__version__}; {args.runs} digits runs of {args.epochs} epochs (mlp, eval every 2)")
-    print(f"sequential train.run, one process:     {sequential:7.1f} s  ({per_run:.2f} s per run)")
-    print(f"ibbench sweep, nothing to do (fixed):  {fixed:7.1f} s")
-    print(f"ibbench sweep, 1 trial at a time:      {one_at_a_time:7.1f} s")
-    print(f"ibbench sweep, 2 trials at a time:     {two_at_a_time:7.1f} s")
-    print(f"Ray overhead per trial: {overhead:.2f} s (target ≤ 1.5 s)")
+    print(f"sequential train.run, one process:        {sequential:7.1f} s  ({per_run:.2f} s per run)")
+    print(f"ibbench sweep, {half} runs one at a time:      {serial_half:7.1f} s")
+    print(f"ibbench sweep, {args.runs} runs one at a time:      {one_at_a_time:7.1f} s")
+    print(f"ibbench sweep, {args.runs} runs two at a time:      {two_at_a_time:7.1f} s")
+    print(f"ibbench sweep, all done (no Ray started): {nothing:7.1f} s")
+    print(f"fixed cost of a sweep invocation (Ray start, Tuner, exit): {fixed:.1f} s")
+    print(
+        f"cost per trial {per_trial:.2f} s = train.run {per_run:.2f} s + Ray overhead {overhead:.2f} s (target ≤ 1.5 s)"
+    )
     print(f"speed-up from 2 concurrent trials: {(one_at_a_time - fixed) / (two_at_a_time - fixed):.2f}×")
-    print(f"whole sweep vs sequential (2 concurrent): {sequential / two_at_a_time:.2f}×")
     if args.quickstart:
         with tempfile.TemporaryDirectory() as tmp:
             quick = timed_sweep(Path("sweeps/quickstart.yaml"), Path(tmp))

@@ -28,6 +28,8 @@ _STRIP_ROWS = 512
 # A row's float32 search is trusted only when its k-th squared distance is this many float32 rounding units
 # above the cancellation error of ‖a‖² + ‖b‖² − 2ab; other rows are searched again in float64.
 _SEARCH_SAFETY = 1e4
+# Up to this many samples, knn_entropy scores all pairs in one dense matmul (4 MB of scores at most).
+_DENSE_ROWS = 1024
 # A strip's columns are screened by the minima of groups of this many rows (measured: 8–16 best).
 _SCREEN_ROWS = 16
 
@@ -235,6 +237,12 @@ def knn_entropy(z: torch.Tensor, k: int = 1, block_size: int | None = None) -> t
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()  # bf16/fp16 latents under autocast: the estimator itself stays in float32
     n, d = z.shape
+    if block_size is None and n <= _DENSE_ROWS:
+        # A training batch: one dense (N × N) search has far fewer ops than the strip search, which pays off
+        # only when the score matrix is large.
+        dense = _grouped_knn_entropy(z.unsqueeze(0), k)
+        if dense is not None:
+            return dense[0]
     index = knn_neighbours(z, k, block_size)
     with torch.autocast(device_type=z.device.type, enabled=False):
         # Differences of the raw inputs are exact for close pairs (Sterbenz), unlike the expanded form.
