@@ -7,25 +7,15 @@ Writes fig1_robustness.png and fig1_robustness.pdf to --out (default: the curren
 
 from __future__ import annotations
 
-import argparse
 import sys
-from pathlib import Path
 
-from ibbench import report, results
+from _common import figure_main
+
+from ibbench import report
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("results", help="a sweep folder (OUT/<sweep>) or an output root")
-    parser.add_argument("--out", type=Path, default=Path("."), help="folder for the .png and .pdf")
-    args = parser.parse_args(argv)
-    runs = results.load_runs(args.results)
-    fig = report.figure_robustness(runs)
-    args.out.mkdir(parents=True, exist_ok=True)
-    for suffix in ("png", "pdf"):
-        fig.savefig(args.out / f"fig1_robustness.{suffix}", dpi=report.DPI)
-    print(f"wrote {args.out / 'fig1_robustness'}.png and .pdf", file=sys.stderr)
-    return 0
+    return figure_main(__doc__, "fig1_robustness", lambda runs, metrics: report.figure_robustness(runs), argv)
 
 
 if __name__ == "__main__":
