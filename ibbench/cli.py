@@ -184,6 +184,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
 def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
     import time
 
+    from ibbench import results
     from ibbench.launch import slurm
     from ibbench.sweep import plan, sweep_dir
 
@@ -230,16 +231,10 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
     after = [p for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
     for p in after:
         if p.state == "failed":
-            reason = (results_summary(p.run_dir) or {}).get("reason", "?")
+            reason = (results.read_summary(p.run_dir) or {}).get("reason", "?")
             err_console.print(f"failed: {p.run_id}: {reason}", markup=False)
     console.print(f"{_counts(p.state for p in after)}")
     return 0 if not bad and all(p.state in ("done", "stopped") for p in after) else 1
-
-
-def results_summary(run_dir: Path):
-    from ibbench import results
-
-    return results.read_summary(run_dir)
 
 
 def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool) -> int:
