@@ -325,7 +325,8 @@ def accuracy_table(runs: pd.DataFrame) -> Table:
 def _eps_label(eps: float) -> str:
     """1/255-style labels for the paper's pixel radii, plain numbers otherwise."""
     steps = eps * 255
-    if eps > 0 and abs(steps - round(steps)) < 1e-6:
+    # summary.json keys ε with 6 significant digits (8/255 → "0.0313725"), so allow that rounding.
+    if eps > 0 and abs(steps - round(steps)) < 1e-4:
         return f"{round(steps)}/255"
     return f"{eps:g}"
 
