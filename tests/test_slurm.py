@@ -154,3 +154,19 @@ def test_bad_cluster_files_and_an_unknown_partition_are_one_line_errors(tmp_path
     assert "nosuchpartition" in lines[0] and "allowed: debug" in lines[0]
     code = main(["sweep", str(spec), "--launcher", "slurm", "--cluster", str(bad), "--out", str(tmp_path)])
     assert code == 2
+
+
+def test_a_timed_out_job_requeues_itself_and_finishes_from_its_checkpoint(tmp_path, capsys):
+    cluster = tmp_path / "short.yaml"
+    # time_min 2 with submitit's 90 s warning: SLURM signals USR2 30 s into each attempt, submitit requeues.
+    cluster.write_text(yaml.safe_dump({"partition": "debug", "time_min": 2}))
+    base = {**TINY, "encoder": "cnn", "latent_dim": 16, "epochs": 600, "eval_every": 200}  # ~80 s of training
+    spec_path = write_spec(tmp_path / "rq.yaml", name="rq", base=base, grid={"beta": [0.1]})
+    out = tmp_path / "out"
+    argv = ["sweep", str(spec_path), "--launcher", "slurm-array", "--cluster", str(cluster), "--out", str(out)]
+    assert main([*argv, "--wait"]) == 0
+    (run,) = plan(load_sweep(spec_path), out)
+    assert run.state == "done"
+    logs = "".join(p.read_text() for p in (out / "rq" / ".slurm").glob("*/*_log.*"))
+    assert "Requeued job" in logs  # it really ran out of time at least once
+    assert [row["epoch"] for row in results.read_metrics(run.run_dir)] == [200, 400, 600]
