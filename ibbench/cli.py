@@ -218,6 +218,8 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
             if len(finished) == len(ids):
                 break
             time.sleep(3)
+    if not console.is_terminal:
+        console.print()  # Live leaves its last frame without a line end when the output is a file or pipe
     bad = 0
     for job in submission.jobs:
         error = job.exception()  # None when the job returned; sacct's state can lag behind the result file
@@ -290,6 +292,8 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
             err_console.print("interrupted: finished runs are kept and the others resume from their checkpoints; "
                               "run the same command again to continue")  # fmt: skip
             return 130
+    if not console.is_terminal:
+        console.print()  # Live leaves its last frame without a line end when the output is a file or pipe
     after = plan(spec, out)
     console.print(_plan_table(spec, after, f"sweep {spec.name}: outcome"))
     for rid, reason in outcome.reasons.items():
