@@ -23,7 +23,7 @@ import torch
 
 from ibbench import train
 from ibbench.config import RunConfig
-from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset, make_synthetic
+from ibbench.data import Dataset, DeviceLoader, load_dataset, make_synthetic
 from ibbench.estimators import add_zero_entropy_noise
 from ibbench.evaluation import encode, information_plane
 
@@ -44,21 +44,6 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - t0
 
 
-def loader_for(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLoader:
-    """The loader exactly as train.run builds it."""
-    augment = augment_cifar if cfg.augment and data.info.input_shape[1:] == (32, 32) else None
-    return DeviceLoader(
-        data.train_x,
-        data.train_y,
-        cfg.batch_size,
-        device=device,
-        k=cfg.k if cfg.objective == "ib" else 0,
-        augment=augment,
-        seed=cfg.seed,
-        channels_last=cfg.channels_last and device.type == "cuda",
-    )
-
-
 def endless(loader: DeviceLoader) -> Iterator:
     """The loader's batches, epoch after epoch (each epoch reshuffled as in train.run)."""
     while True:
@@ -74,7 +59,7 @@ class Trainer:
         self.model = train._build(cfg, data, device)
         params = list(self.model.encoder.parameters()) + list(self.model.objective.parameters())
         self.optimizer = torch.optim.Adam(params, lr=cfg.lr)
-        self.loader = loader_for(cfg, data, device)
+        self.loader = train.make_loader(cfg, data, device)
         self.batches = endless(self.loader)
         self.epoch = 0
 

@@ -213,6 +213,24 @@ def _robustness(cfg: RunConfig, model: _Model, decoders: Mapping[str, nn.Module]
     return curves
 
 
+def make_loader(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLoader:
+    """The training loader of a run: class-balanced batches on the device, CIFAR augmentation on 32×32 inputs."""
+    augment = augment_cifar if cfg.augment and data.info.input_shape[1:] == (32, 32) else None
+    try:
+        return DeviceLoader(
+            data.train_x,
+            data.train_y,
+            cfg.batch_size,
+            device=device,
+            k=cfg.k if cfg.objective == "ib" else 0,
+            augment=augment,
+            seed=cfg.seed,
+            channels_last=cfg.channels_last and device.type == "cuda",
+        )
+    except ValueError as exc:  # e.g. a batch larger than the training set
+        raise ConfigError("<config>", "batch_size", str(exc)) from None
+
+
 def _save_checkpoint(run_dir: Path, model: _Model, optimizer, scheduler, loader: DeviceLoader, epoch: int, **extra):
     state = {
         "epoch": epoch,
@@ -256,21 +274,7 @@ def run(
     seed_everything(cfg.seed)
     # Data first: a missing dataset is a ConfigError for the caller, before anything is written.
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
-    augment = augment_cifar if cfg.augment and data.info.input_shape[1:] == (32, 32) else None
-    try:
-        loader = DeviceLoader(
-            data.train_x,
-            data.train_y,
-            cfg.batch_size,
-            device=device,
-            k=cfg.k if cfg.objective == "ib" else 0,
-            augment=augment,
-            seed=cfg.seed,
-            channels_last=cfg.channels_last and device.type == "cuda",
-        )
-
-    except ValueError as exc:  # e.g. a batch larger than the training set
-        raise ConfigError("<config>", "batch_size", str(exc)) from None
+    loader = make_loader(cfg, data, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     with results.run_lock(run_dir):
         if results.run_state(run_dir) == "done":  # finished by whoever held the lock before us
