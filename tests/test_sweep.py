@@ -137,7 +137,7 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
     spec_path = write_spec(
         tmp_path / "kill.yaml",
         name="kill",
-        base={**TINY_BASE, "epochs": 6},
+        base={**TINY_BASE, "epochs": 10},
         grid={"beta": [0.05, 0.3, 0.6, 0.9]},
         resources={"cpu": 1},
     )
@@ -154,7 +154,7 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
     deadline = time.time() + 240
     while time.time() < deadline:
         states = [p.state for p in plan(spec, out)]
-        if "done" in states and "new" in states:
+        if "done" in states and any(state != "done" for state in states):  # mid-sweep: some done, some not
             break
         if driver.poll() is not None:
             pytest.fail("the sweep finished before it could be killed")
