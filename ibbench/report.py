@@ -675,6 +675,20 @@ def _beta_colors(betas: Iterable[Any]) -> dict[float, tuple]:
     return {b: cmap(p) for b, p in zip(values, positions, strict=True)}
 
 
+def _style_handles(noise_lines: bool, markers: dict[str, str]) -> list[Line2D]:
+    """Legend entries for the line styles (noise solid, no noise dashed) and, when several, the variant markers."""
+    handles = []
+    if noise_lines:
+        handles += [
+            Line2D([], [], color="0.5", linestyle="-", label="with noise"),
+            Line2D([], [], color="0.5", linestyle="--", label="without noise"),
+        ]
+    if len(markers) > 1:
+        shown = list(markers.items())[: len(MARKERS)]
+        handles += [Line2D([], [], color="0.5", marker=m, linestyle="", label=v) for v, m in shown]
+    return handles
+
+
 def _legend_betas(colors: dict[float, tuple], most: int = 8) -> dict[float, tuple]:
     """At most `most` legend entries (evenly spaced by rank, ends included): a search can try dozens of β''."""
     if len(colors) <= most:
@@ -744,15 +758,7 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
         marker = markers[variants[i]] if len(markers) > 1 else "o"
         draw(row, color=color, linestyle="-" if row["noise"] is not False else "--", marker=marker, markersize=4)
     handles = [Line2D([], [], color=c, label=f"β''={b:g}") for b, c in _legend_betas(colors).items()]
-    if not ib.empty:
-        handles += [
-            Line2D([], [], color="0.5", linestyle="-", label="with noise"),
-            Line2D([], [], color="0.5", linestyle="--", label="without noise"),
-        ]
-    if len(markers) > 1:
-        handles += [Line2D([], [], color="0.5", marker=m, linestyle="", label=v) for v, m in markers.items()][
-            : len(MARKERS)
-        ]
+    handles += _style_handles(not ib.empty, markers)
     for objective in ("ce_dropconnect", "ce"):
         rows = frame[(frame["objective"] == objective) & (frame["decoder"] == HEAD)] if not frame.empty else frame
         for _, row in rows.iterrows():
@@ -850,15 +856,7 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
                 markersize=5,
             )
         handles += [Line2D([], [], color=c, marker="o", label=f"decoder {d}") for d, c in decoder_colors.items()]
-        if len({k[2] for k in lines}) > 1:
-            handles += [
-                Line2D([], [], color="0.5", linestyle="-", label="with noise"),
-                Line2D([], [], color="0.5", linestyle="--", label="without noise"),
-            ]
-        if len(markers) > 1:
-            handles += [Line2D([], [], color="0.5", marker=m, linestyle="", label=v) for v, m in markers.items()][
-                : len(MARKERS)
-            ]
+        handles += _style_handles(len({k[2] for k in lines}) > 1, markers)
     for objective in ("ce", "ce_dropconnect"):
         rows = frame[(frame["objective"] == objective) & (frame["decoder"] == HEAD)] if not frame.empty else frame
         style = BASELINE_STYLE[objective] | {"linestyle": "--" if objective == "ce" else ":"}
