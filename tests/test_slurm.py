@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny import TINY_RUN
 
 from ibbench import results
 from ibbench.cli import main
@@ -36,18 +37,7 @@ def local_slurm():
         pytest.skip("no local SLURM: start it with `bash slurm/local/start.sh`")
 
 
-TINY = {
-    "dataset": "digits",
-    "encoder": "mlp",
-    "latent_dim": 8,
-    "k": 3,
-    "epochs": 2,
-    "batch_size": 100,
-    "eval_every": 1,
-    "probe_width": 16,
-    "augment": False,
-    "fgsm_eps": [0.0, 0.05],
-}
+TINY = TINY_RUN
 
 
 @pytest.fixture

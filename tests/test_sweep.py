@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from tiny import TINY_RUN
 
 from ibbench import results
 from ibbench.cli import main
@@ -20,18 +21,7 @@ from ibbench.sweep import OPTUNA_DB, expand, plan, run_sweep
 
 pytestmark = pytest.mark.slow
 
-TINY_BASE = {
-    "dataset": "digits",
-    "encoder": "mlp",
-    "latent_dim": 8,
-    "k": 3,
-    "epochs": 2,
-    "batch_size": 100,
-    "eval_every": 1,
-    "probe_width": 16,
-    "augment": False,
-    "fgsm_eps": [0.0, 0.05],
-}
+TINY_BASE = TINY_RUN
 
 
 @pytest.fixture(scope="session")

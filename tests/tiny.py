@@ -1,0 +1,14 @@
+"""The smallest run worth sweeping: digits, a tiny MLP, 2 epochs; shared by the Ray and SLURM tests."""
+
+TINY_RUN = {
+    "dataset": "digits",
+    "encoder": "mlp",
+    "latent_dim": 8,
+    "k": 3,
+    "epochs": 2,
+    "batch_size": 100,
+    "eval_every": 1,
+    "probe_width": 16,
+    "augment": False,
+    "fgsm_eps": [0.0, 0.05],
+}
