@@ -6,6 +6,8 @@ Errors read `<file>: <field>: <problem>; allowed: <…>` (ConfigError) and are r
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import json
 import math
 import re
 import types
@@ -24,6 +26,7 @@ __all__ = [
     "ConfigError",
     "RunConfig",
     "SweepSpec",
+    "expand",
     "load_cluster",
     "load_run_config",
     "load_sweep",
@@ -34,6 +37,9 @@ __all__ = [
 PAPER_FGSM_EPS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("off", "bf16")
+# Fields that say where a run executes, not what it computes: two machines running the same experiment must
+# share one run directory, so these stay out of the run's identity (results.run_id).
+PLACEMENT_FIELDS = ("data_dir", "download", "device")
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,11 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples as lists)."""
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+    def identity(self) -> str:
+        """What the run computes: its values minus the placement fields, as sorted compact JSON (see run_id)."""
+        values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+        return json.dumps(values, sort_keys=True, separators=(",", ":"))
 
     def replace(self, source: str = "<config>", **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
@@ -306,6 +317,7 @@ class SweepSpec:
     resources: Resources = Resources()  # per trial
     max_concurrent: int | None = None  # cap on trials at once (None: as many as resources allow)
     source: str = "<sweep>"  # the file it came from, for error messages
+    runs: tuple[RunConfig, ...] = dataclasses.field(default=(), compare=False, repr=False)  # the grid, expanded once
 
     @property
     def base_dict(self) -> dict[str, Any]:
@@ -322,10 +334,6 @@ def _freeze(value: Any) -> Any:
     if isinstance(value, list):
         return tuple(_freeze(v) for v in value)
     return value
-
-
-def _thaw_run_value(value: Any) -> Any:
-    return list(value) if isinstance(value, tuple) else value
 
 
 def _run_fields() -> tuple[str, ...]:
@@ -467,14 +475,82 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         max_concurrent=max_concurrent,
         source=source,
     )
-    # Every run the sweep implies is validated now, before anything starts.
-    from ibbench.sweep import expand
+    # Every run the sweep implies is built, and so validated, now, before anything starts; once per command.
+    return dataclasses.replace(spec, runs=tuple(expand(spec)))
 
-    expand(spec)
-    if search is not None:
-        metric_base = RunConfig.from_dict({k: _thaw_run_value(v) for k, v in base.items()}, f"{source}: base")
-        del metric_base
-    return spec
+
+# -- expansion ---------------------------------------------------------------------------------------------------
+
+
+def plain(value: Any) -> Any:
+    """Frozen spec values back to YAML/JSON shapes (tuples of pairs → dicts, tuples → lists)."""
+    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
+                                                  for v in value):  # fmt: skip
+        return {k: plain(v) for k, v in value}
+    if isinstance(value, tuple):
+        return [plain(v) for v in value]
+    return value
+
+
+def _where(field: str, origins: dict[str, str]) -> str:
+    """The sweep-file path of a RunConfig field's value (`grid.beta`, `base.k`), or the bare field for a default.
+
+    A batch too small for k involves two fields; the error names the one the sweep varies (grid, baselines,
+    search space) rather than the shared one, since that is the value that made this run invalid.
+    """
+    varied = ("grid", "baselines", "search")
+    if field == "batch_size" and origins.get("k", "").startswith(varied):
+        if not origins.get("batch_size", "").startswith(varied):
+            return origins["k"]
+    return origins.get(field, field)
+
+
+def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> RunConfig:
+    """RunConfig from merged values; a ConfigError names the sweep file and where the bad value came from."""
+    try:
+        return RunConfig.from_dict(values, spec.source)
+    except ConfigError as exc:
+        raise ConfigError(spec.source, _where(exc.field, origins), exc.problem, exc.allowed) from None
+
+
+def expand(spec: SweepSpec) -> list[RunConfig]:
+    """Every run of a grid sweep (grid product, then baselines × seeds), duplicates removed, in order.
+
+    The `decoder` axis is folded into each run's `decoders` list: runs that differ only in the decoder share one
+    encoder training. A search sweep has no fixed runs: its base and every domain endpoint are validated and []
+    returned. A spec from load_sweep carries its runs already (expanded once per command).
+    """
+    if spec.runs:
+        return list(spec.runs)
+    base = {k: plain(v) for k, v in spec.base}
+    origins = {k: f"base.{k}" for k in base}  # field -> where its value is written in the sweep file
+    grid = {k: [plain(v) for v in values] for k, values in spec.grid}
+    if spec.search is not None:
+        for key, kind, args in spec.search.space:
+            probes = args if kind == "choice" else (args[0], args[-1])
+            for value in probes:
+                _make(spec, {**base, key: value}, {**origins, key: f"search.space.{key}"})
+        _make(spec, base, origins)
+        return []
+    decoders = grid.pop(DECODER_AXIS, None)
+    if decoders is not None:
+        base["decoders"] = list(dict.fromkeys(decoders))  # a decoder listed twice is one decoder, as in other axes
+        origins["decoders"] = f"grid.{DECODER_AXIS}"
+    keys = list(grid)
+    runs: list[RunConfig] = []
+    for combo in itertools.product(*(grid[k] for k in keys)):
+        values = {**base, **dict(zip(keys, combo, strict=True))}
+        runs.append(_make(spec, values, {**origins, **{k: f"grid.{k}" for k in keys}}))
+    seeds = grid.get("seed", [base.get("seed", RunConfig.seed)])
+    for i, baseline in enumerate(spec.baselines):
+        fixed = {k: plain(v) for k, v in baseline}
+        for seed in seeds:
+            values = {**base, **fixed, "seed": seed}
+            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}].{k}" for k in fixed}}))
+    unique: dict[str, RunConfig] = {}
+    for cfg in runs:
+        unique.setdefault(cfg.identity(), cfg)
+    return list(unique.values())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -31,10 +31,6 @@ SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
 DONE = "DONE"
 
-# Fields that say where a run executes, not what it computes: two machines running the same experiment must
-# share one run directory, so these stay out of the run's identity.
-PLACEMENT_FIELDS = ("data_dir", "download", "device")
-
 LOCK = ".lock"
 
 STATES = ("done", "stopped", "failed", "incomplete", "new")
@@ -42,8 +38,7 @@ STATES = ("done", "stopped", "failed", "incomplete", "new")
 
 def canonical_json(cfg: RunConfig) -> str:
     """The identity of a run: its config minus placement fields, as sorted compact JSON."""
-    values = {k: v for k, v in cfg.to_dict().items() if k not in PLACEMENT_FIELDS}
-    return json.dumps(values, sort_keys=True, separators=(",", ":"))
+    return cfg.identity()
 
 
 def run_id(cfg: RunConfig) -> str:

@@ -7,7 +7,6 @@ the search's memory (`optuna.db`), never the record of what happened.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import time
 from collections.abc import Callable
@@ -18,7 +17,7 @@ from typing import Any
 import yaml
 
 from ibbench import results
-from ibbench.config import DECODER_AXIS, ConfigError, RunConfig, SweepSpec
+from ibbench.config import DECODER_AXIS, ConfigError, RunConfig, SweepSpec, expand, plain
 
 log = logging.getLogger(__name__)
 
@@ -28,85 +27,16 @@ RAY_SCRATCH = ".ray"
 INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose driver died mid-trial
 
 
-# -- expansion ---------------------------------------------------------------------------------------------------
-
-
-def _plain(value: Any) -> Any:
-    """Frozen spec values back to YAML/JSON shapes (tuples of pairs → dicts, tuples → lists)."""
-    if isinstance(value, tuple) and value and all(isinstance(v, tuple) and len(v) == 2 and isinstance(v[0], str)
-                                                  for v in value):  # fmt: skip
-        return {k: _plain(v) for k, v in value}
-    if isinstance(value, tuple):
-        return [_plain(v) for v in value]
-    return value
-
-
-def _where(field: str, origins: dict[str, str]) -> str:
-    """The sweep-file path of a RunConfig field's value (`grid.beta`, `base.k`), or the bare field for a default.
-
-    A batch too small for k involves two fields; the error names the one the sweep varies (grid, baselines,
-    search space) rather than the shared one, since that is the value that made this run invalid.
-    """
-    varied = ("grid", "baselines", "search")
-    if field == "batch_size" and origins.get("k", "").startswith(varied):
-        if not origins.get("batch_size", "").startswith(varied):
-            return origins["k"]
-    return origins.get(field, field)
-
-
-def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> RunConfig:
-    """RunConfig from merged values; a ConfigError names the sweep file and where the bad value came from."""
-    try:
-        return RunConfig.from_dict(values, spec.source)
-    except ConfigError as exc:
-        raise ConfigError(spec.source, _where(exc.field, origins), exc.problem, exc.allowed) from None
-
-
-def expand(spec: SweepSpec) -> list[RunConfig]:
-    """Every run of a grid sweep (grid product, then baselines × seeds), duplicates removed, in order.
-
-    The `decoder` axis is folded into each run's `decoders` list: runs that differ only in the decoder share one
-    encoder training. A search sweep has no fixed runs: its base and every domain endpoint are validated and []
-    returned.
-    """
-    base = {k: _plain(v) for k, v in spec.base}
-    origins = {k: f"base.{k}" for k in base}  # field -> where its value is written in the sweep file
-    grid = {k: [_plain(v) for v in values] for k, values in spec.grid}
-    if spec.search is not None:
-        for key, kind, args in spec.search.space:
-            probes = args if kind == "choice" else (args[0], args[-1])
-            for value in probes:
-                _make(spec, {**base, key: value}, {**origins, key: f"search.space.{key}"})
-        _make(spec, base, origins)
-        return []
-    decoders = grid.pop(DECODER_AXIS, None)
-    if decoders is not None:
-        base["decoders"] = list(dict.fromkeys(decoders))  # a decoder listed twice is one decoder, as in other axes
-        origins["decoders"] = f"grid.{DECODER_AXIS}"
-    keys = list(grid)
-    runs: list[RunConfig] = []
-    for combo in itertools.product(*(grid[k] for k in keys)):
-        values = {**base, **dict(zip(keys, combo, strict=True))}
-        runs.append(_make(spec, values, {**origins, **{k: f"grid.{k}" for k in keys}}))
-    seeds = grid.get("seed", [base.get("seed", RunConfig.seed)])
-    for i, baseline in enumerate(spec.baselines):
-        fixed = {k: _plain(v) for k, v in baseline}
-        for seed in seeds:
-            values = {**base, **fixed, "seed": seed}
-            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}].{k}" for k in fixed}}))
-    unique: dict[str, RunConfig] = {}
-    for cfg in runs:
-        unique.setdefault(results.run_id(cfg), cfg)
-    return list(unique.values())
+# -- the spec as data --------------------------------------------------------------------------------------------
 
 
 def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     """The spec as a sweep file would hold it (with --set overrides folded into base)."""
-    out: dict[str, Any] = {"name": spec.name, "base": {k: _plain(v) for k, v in spec.base}}
+    out: dict[str, Any] = {"name": spec.name, "base": {k: plain(v) for k, v in spec.base}}
     if spec.grid:
-        out["grid"] = {k: [_plain(v) for v in values] for k, values in spec.grid}
+        out["grid"] = {k: [plain(v) for v in values] for k, values in spec.grid}
     if spec.baselines:
-        out["baselines"] = [{k: _plain(v) for k, v in b} for b in spec.baselines]
+        out["baselines"] = [{k: plain(v) for k, v in b} for b in spec.baselines]
     if spec.search is not None:
         s = spec.search
         out["search"] = {
@@ -125,7 +55,7 @@ def sweep_metric(spec: SweepSpec) -> tuple[str, str]:
     if spec.search is not None:
         return spec.search.metric, spec.search.mode
     decoders = dict(spec.grid).get(DECODER_AXIS) or dict(spec.base).get("decoders") or RunConfig.decoders
-    return f"test_acc/{_plain(decoders)[0]}", "max"
+    return f"test_acc/{plain(decoders)[0]}", "max"
 
 
 # -- planning ----------------------------------------------------------------------------------------------------
@@ -368,14 +298,14 @@ def run_sweep(
             )  # fmt: skip
             scheduler = None
             if spec.search.scheduler == "asha":
-                base_cfg = RunConfig.from_dict({k: _plain(v) for k, v in spec.base}, spec.source)
+                base_cfg = RunConfig.from_dict({k: plain(v) for k, v in spec.base}, spec.source)
                 max_evals = -(-base_cfg.epochs // base_cfg.eval_every) + 1  # one report per eval epoch, one at the end
                 scheduler = ASHAScheduler(
                     time_attr="training_iteration", max_t=max_evals, grace_period=spec.search.grace_period
                 )
             tuner = tune.Tuner(
                 trainable,
-                param_space={"base": {k: _plain(v) for k, v in spec.base}, "_ibbench": settings, **_space(spec)},
+                param_space={"base": {k: plain(v) for k, v in spec.base}, "_ibbench": settings, **_space(spec)},
                 tune_config=tune.TuneConfig(
                     search_alg=searcher,
                     scheduler=scheduler,

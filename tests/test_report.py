@@ -51,7 +51,7 @@ def _key(config: dict) -> tuple:
 
 
 def _table_key(row: pd.Series) -> tuple:
-    return tuple(None if report._missing(row[c]) else row[c] for c in ("objective", "beta", "noise", "k"))
+    return tuple(None if report.is_missing(row[c]) else row[c] for c in ("objective", "beta", "noise", "k"))
 
 
 def _expected(frame: pd.DataFrame, by: list[str], values: list[str]) -> pd.DataFrame:

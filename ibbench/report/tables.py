@@ -1,0 +1,468 @@
+"""Report tables: done runs aggregated per configuration (mean ± standard error over seeds), as DataFrames.
+
+A *configuration* is every RunConfig field except the seed and the placement fields: the runs of one
+configuration differ only in their seed, and the error bars (mean ± standard error, s.e. = sample std / √n)
+are computed over those runs only, never across hyperparameters. For the cross-entropy baselines β'' and k mean
+nothing, so they are dropped from the configuration and shown as "–" (noise too, unless a baseline is run both
+ways). Decoders are a row dimension: one accuracy row per (configuration, decoder).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ibbench import results
+from ibbench.config import PLACEMENT_FIELDS, RunConfig
+
+BASELINE_OBJECTIVES = ("ce", "ce_dropconnect")
+OBJECTIVE_LABELS = {"ib": "IB", "ce": "CE", "ce_dropconnect": "CE+DropConnect"}
+IB_ONLY = ("beta", "k")  # meaningless for the baselines; noise is masked too when a baseline runs one way only
+NOT_IDENTITY = ("seed", *PLACEMENT_FIELDS)
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
+ALWAYS_SHOWN = ("objective", "beta", "noise", "k")
+HEAD = "head"  # the decoder name under which the baselines report their own classifier (train.HEAD)
+PREFERRED_DECODER = "gmm"  # the paper's decoder for figure 1
+DASH = "–"
+ATTACK_ORDER = ("fgsm", "pgd")
+KEY_LABELS = {
+    "objective": "objective",
+    "beta": "β''",
+    "noise": "noise",
+    "k": "k",
+    "decoder": "decoder",
+    "attack": "attack",
+    "rank": "rank",
+    "n": "n",
+    "sweep": "sweep",
+    "run_id": "run",
+    "status": "status",
+    "seed": "seed",
+    "epochs_done": "epochs done",
+    "reason": "reason",
+}
+
+CAVEAT = (
+    "I[X;Z] = H[Z] comes from the k-nearest-neighbour entropy estimator (Kozachenko–Leonenko / Kraskov et al.) "
+    "on the test latents with the zero-entropy noise added. At high latent dimension (d ≥ 64) its absolute "
+    "values are biased (10–16 % high in our checks) and not invariant to affine maps of Z, so read them as "
+    "relative values: compare runs with the same latent dimension d, sample size N and neighbour rank k, not "
+    "absolute nats across settings. H[Y|Z] is the cross-entropy of a ResFC decoder fitted on the test latents, "
+    "an upper bound on the true conditional entropy."
+)
+
+
+# -- statistics --------------------------------------------------------------------------------------------------
+
+
+def mean_se(values: Iterable[Any]) -> tuple[float, float, int]:
+    """(mean, standard error, n) of the finite values; s.e. = sample std (ddof=1) / √n, NaN when n < 2."""
+    x = pd.to_numeric(pd.Series(list(values), dtype=object), errors="coerce").astype(float).to_numpy()
+    x = x[np.isfinite(x)]
+    n = len(x)
+    if n == 0:
+        return math.nan, math.nan, 0
+    se = float(x.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+    return float(x.mean()), se, n
+
+
+def to_float(value: Any) -> float:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return out if math.isfinite(out) else math.nan
+
+
+def is_missing(value: Any) -> bool:
+    if value is None:
+        return True
+    try:
+        return bool(pd.isna(value))
+    except (TypeError, ValueError):  # tuples and other containers
+        return False
+
+
+def _plain(value: Any) -> Any:
+    """JSON-comparable form: None for missing, lists for tuples, Python scalars for numpy ones."""
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if is_missing(value):
+        return None
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+# -- tables ------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A numeric column of a table: `column` holds the mean over seeds and `column + '_se'` its s.e."""
+
+    column: str
+    label: str
+    best: str | None = None  # "max", "min" or "min_abs": the best value of the column is marked; None: not marked
+    digits: int = 3
+    eps: float | None = None  # robustness columns: the attack radius
+
+
+@dataclass
+class Table:
+    """A report table: `frame` holds key columns, n and each metric's mean and s.e. (NaN where missing)."""
+
+    name: str
+    title: str
+    frame: pd.DataFrame
+    keys: list[str]
+    metrics: list[Metric] = field(default_factory=list)
+    note: str = ""
+    best_within: list[str] = field(default_factory=list)  # key columns inside which the best is marked
+
+    @property
+    def show_se(self) -> bool:
+        """A ± column only when some row averages more than one seed."""
+        return "n" in self.frame and bool((pd.to_numeric(self.frame["n"], errors="coerce") > 1).any())
+
+
+@dataclass
+class PreparedRuns:
+    """The done runs, one row each, with config.json's values, a `config` id and the key columns to show."""
+
+    frame: pd.DataFrame
+    keys: list[str]
+
+
+def usable_runs(runs: pd.DataFrame) -> pd.Series:
+    if runs.empty or "status" not in runs:
+        return pd.Series(False, index=runs.index)
+    readable = runs["objective"].notna() if "objective" in runs else pd.Series(False, index=runs.index)
+    return (runs["status"] == "done") & readable
+
+
+def prepare_runs(runs: pd.DataFrame) -> PreparedRuns:
+    done = runs[usable_runs(runs)].copy()
+    if done.empty:
+        return PreparedRuns(done.assign(config=pd.Series(dtype=object)), [])
+    # The identity comes from config.json itself: final metrics can share a config field's name (the final
+    # epoch's "lr" differs from the configured one after a plateau), and load_runs merges them into one row.
+    configs = []
+    for path in done["path"]:
+        try:
+            configs.append(results.read_json(Path(path) / results.CONFIG))
+        except (OSError, ValueError):
+            configs.append({})
+    config_frame = pd.DataFrame(configs, index=done.index)
+    for name in config_frame.columns:
+        if name in CONFIG_FIELDS:
+            done[name] = [
+                tuple(v) if isinstance(v, list) else (old if is_missing(v) else v)
+                for v, old in zip(config_frame[name], done[name] if name in done else [None] * len(done), strict=True)
+            ]
+    baseline = done["objective"].isin(BASELINE_OBJECTIVES)
+    for name in IB_ONLY:
+        if name in done:
+            done[name] = done[name].astype(object)
+            done.loc[baseline, name] = None
+    if "noise" in done:
+        done["noise"] = done["noise"].astype(object)
+        for _, rows in done[baseline].groupby("objective"):
+            if rows["noise"].map(_plain).nunique(dropna=False) <= 1:
+                done.loc[rows.index, "noise"] = None
+    identity = [f for f in CONFIG_FIELDS if f in done and f not in NOT_IDENTITY] + ["sweep"]
+    done["config"] = [
+        json.dumps([_plain(row[f]) for f in identity], default=str) for _, row in done[identity].iterrows()
+    ]
+    shown = [f for f in ALWAYS_SHOWN if f in done]
+    varying = [
+        f
+        for f in identity
+        if f not in shown and len({json.dumps(_plain(v), default=str) for v in done.drop_duplicates("config")[f]}) > 1
+    ]
+    return PreparedRuns(done, shown + varying)
+
+
+def _sort_value(value: Any) -> tuple:
+    if is_missing(value):
+        return (0,)
+    if isinstance(value, (bool, np.bool_)):
+        return (1, -int(value))  # True (e.g. with noise) first
+    if isinstance(value, (int, float, np.number)):
+        return (1, float(value))
+    return (1, str(value))
+
+
+def _baseline_first(objective: Any) -> tuple:
+    return (0, BASELINE_OBJECTIVES.index(objective)) if objective in BASELINE_OBJECTIVES else (1, str(objective))
+
+
+def _aggregate(per_run: list[dict], group: Sequence[str], keys: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
+    """One row per group: keys from its first run, n (runs in the group), mean and s.e. of every value."""
+    frame = pd.DataFrame(per_run)
+    columns = [*keys, "n", *(c for v in values for c in (v, f"{v}_se"))]
+    if frame.empty:
+        return pd.DataFrame(columns=columns)
+    rows = []
+    for _, group_frame in frame.groupby(list(group), sort=False):
+        first = per_run[group_frame.index[0]]  # the dict keeps ints and None (the frame would make them floats)
+        row = {k: first[k] for k in keys}
+        row["n"] = len(group_frame)
+        for v in values:
+            row[v], row[f"{v}_se"], _ = mean_se(group_frame[v])
+        rows.append(row)
+    out = pd.DataFrame(rows, columns=columns)
+    for k in keys:  # object columns: ints stay ints, missing stays None
+        out[k] = pd.Series([None if is_missing(r[k]) else r[k] for r in rows], index=out.index, dtype=object)
+    return out
+
+
+def _ordered(frame: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
+    if frame.empty:
+        return frame.reset_index(drop=True)
+    order = sorted(
+        frame.index,
+        key=lambda i: (_baseline_first(frame.at[i, "objective"]),) + tuple(_sort_value(frame.at[i, k]) for k in keys),
+    )
+    return frame.loc[order].reset_index(drop=True)
+
+
+def _decoders(frame: pd.DataFrame) -> list[str]:
+    names = {c.split("/", 1)[1] for c in frame.columns if c.startswith(("test_acc/", "acc/"))}
+    return sorted(names, key=lambda d: (d == HEAD, d))
+
+
+def accuracy_table(runs: pd.DataFrame) -> Table:
+    """Test accuracy per (configuration, decoder): mean ± s.e. over seeds, train accuracy and the gap."""
+    prep = prepare_runs(runs)
+    per_run = []
+    for _, run in prep.frame.iterrows():
+        for decoder in _decoders(prep.frame):
+            test = to_float(run.get(f"test_acc/{decoder}"))
+            if math.isnan(test):
+                test = to_float(run.get(f"acc/{decoder}"))
+            train = to_float(run.get(f"train_acc/{decoder}"))
+            if math.isnan(test) and math.isnan(train):
+                continue
+            per_run.append(
+                {
+                    "config": run["config"],
+                    **{k: run[k] for k in prep.keys},
+                    "decoder": decoder,
+                    "test_acc": test,
+                    "train_acc": train,
+                    "gap": train - test,
+                }
+            )
+    keys = [*prep.keys, "decoder"]
+    frame = _ordered(_aggregate(per_run, ["config", "decoder"], keys, ["test_acc", "train_acc", "gap"]), keys)
+    return Table(
+        name="accuracy",
+        title="Accuracy",
+        frame=frame,
+        keys=keys,
+        metrics=[
+            Metric("test_acc", "test acc", "max"),
+            Metric("train_acc", "train acc"),
+            Metric("gap", "train − test", "min_abs"),
+        ],
+        note=(
+            "Accuracy at the final epoch of each decoder fitted on the frozen latents (the baselines' own classifier "
+            "is the decoder 'head'); mean over seeds, ± its standard error (sample std / √n), n = seeds. "
+            "Bold: best in the column (highest test accuracy, smallest |train − test| gap)."
+        ),
+    )
+
+
+def _eps_label(eps: float) -> str:
+    """1/255-style labels for the paper's pixel radii, plain numbers otherwise."""
+    steps = eps * 255
+    # summary.json keys ε with 6 significant digits (8/255 → "0.0313725"), so allow that rounding.
+    if eps > 0 and abs(steps - round(steps)) < 1e-4:
+        return f"{round(steps)}/255"
+    return f"{eps:g}"
+
+
+def robustness_table(runs: pd.DataFrame) -> Table:
+    """Accuracy under each attack at each ε and the area under the curve, per (configuration, decoder), ranked."""
+    prep = prepare_runs(runs)
+    curves: dict[tuple[str, str], dict[float, str]] = {}  # (attack, decoder) -> {eps: column}
+    for column in prep.frame.columns:
+        parts = column.split("/")
+        if len(parts) == 4 and parts[0] == "robust":
+            curves.setdefault((parts[1], parts[2]), {})[float(parts[3])] = column
+    all_eps = sorted({eps for points in curves.values() for eps in points})
+    value_names = {eps: f"acc@{eps:.6g}" for eps in all_eps}
+    per_run = []
+    for _, run in prep.frame.iterrows():
+        for (attack, decoder), points in curves.items():
+            values = {value_names[eps]: to_float(run.get(column)) for eps, column in points.items()}
+            measured = sorted(
+                (eps, values[value_names[eps]]) for eps in points if not math.isnan(values[value_names[eps]])
+            )
+            if not measured:
+                continue
+            auc = math.nan
+            if len(measured) >= 2:
+                xs, ys = np.array(measured).T
+                auc = float(np.trapezoid(ys, xs) / (xs[-1] - xs[0]))
+            per_run.append(
+                {
+                    "config": run["config"],
+                    **{k: run[k] for k in prep.keys},
+                    "decoder": decoder,
+                    "attack": attack,
+                    **values,
+                    "auc": auc,
+                }
+            )
+    keys = ["attack", *prep.keys, "decoder"]
+    values = [*value_names.values(), "auc"]
+    frame = _aggregate(per_run, ["config", "decoder", "attack"], keys, values)
+    if not frame.empty:
+        frame["_attack"] = frame["attack"].map(lambda a: (ATTACK_ORDER.index(a) if a in ATTACK_ORDER else 99, a))
+        frame["_auc"] = -frame["auc"].fillna(-np.inf)
+        frame = frame.sort_values(["_attack", "_auc"], kind="stable").drop(columns=["_attack", "_auc"])
+        frame.insert(1, "rank", frame.groupby("attack", sort=False).cumcount() + 1)
+        frame = frame.reset_index(drop=True)
+    else:
+        frame.insert(1, "rank", pd.Series(dtype=int))
+    return Table(
+        name="robustness",
+        title="Robustness",
+        frame=frame,
+        keys=["attack", "rank", *prep.keys, "decoder"],
+        metrics=[Metric(name, f"ε={_eps_label(eps)}", "max", eps=eps) for eps, name in value_names.items()]
+        + [Metric("auc", "AUC", "max")],
+        note=(
+            "Test accuracy under each attack (L∞ radius ε in [0, 1] pixel units, noise off, model in eval mode); "
+            "mean over seeds ± standard error. AUC: area under the accuracy-vs-ε curve (trapezoid) divided by the "
+            "ε range, i.e. the mean accuracy over [ε_min, ε_max]. Ranked by AUC within each attack; bold: best "
+            "in the column for that attack."
+        ),
+        best_within=["attack"],
+    )
+
+
+INFOPLANE_VALUES = ("final_i_xz", "final_h_y_given_z", "best_epoch", "best_i_xz", "best_h_y_given_z")
+
+
+def infoplane_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> Table:
+    """Final and best-epoch (lowest H[Y|Z]) I[X;Z] and H[Y|Z] per configuration, mean ± s.e. over seeds."""
+    prep = prepare_runs(runs)
+    x, y = "infoplane/i_xz", "infoplane/h_y_given_z"
+    per_run = []
+    by_run = {}
+    if not metrics.empty and "run_id" in metrics:
+        by_run = {rid: rows for rid, rows in metrics.groupby("run_id", sort=False)}
+    for _, run in prep.frame.iterrows():
+        rows = by_run.get(run["run_id"])
+        if rows is None or x not in rows or y not in rows:
+            continue
+        rows = rows.sort_values("epoch")
+        final = rows.iloc[-1]
+        h = pd.to_numeric(rows[y], errors="coerce")
+        best = rows.loc[h.idxmin()] if h.notna().any() else None
+        per_run.append(
+            {
+                "config": run["config"],
+                **{k: run[k] for k in prep.keys},
+                "final_i_xz": to_float(final[x]),
+                "final_h_y_given_z": to_float(final[y]),
+                "best_epoch": to_float(best["epoch"]) if best is not None else math.nan,
+                "best_i_xz": to_float(best[x]) if best is not None else math.nan,
+                "best_h_y_given_z": to_float(best[y]) if best is not None else math.nan,
+            }
+        )
+    frame = _ordered(_aggregate(per_run, ["config"], prep.keys, INFOPLANE_VALUES), prep.keys)
+    return Table(
+        name="infoplane",
+        title="Information plane",
+        frame=frame,
+        keys=list(prep.keys),
+        metrics=[
+            Metric("final_i_xz", "final I[X;Z]"),
+            Metric("final_h_y_given_z", "final H[Y|Z]"),
+            Metric("best_epoch", "best epoch", digits=1),
+            Metric("best_i_xz", "best I[X;Z]"),
+            Metric("best_h_y_given_z", "best H[Y|Z]"),
+        ],
+        note=(
+            "On the test set, in nats: I[X;Z] = H[Z] (k-NN estimate) and H[Y|Z] (ResFC cross-entropy) at the final "
+            "eval epoch and at the best one (lowest H[Y|Z]); mean over seeds ± standard error."
+        ),
+    )
+
+
+def unfinished_table(runs: pd.DataFrame) -> Table:
+    """Every run that is not done (failed, incomplete, stopped, unreadable), with the reason; none is dropped."""
+    rest = runs[~usable_runs(runs)] if not runs.empty else runs
+    rows = []
+    for _, run in rest.iterrows():
+        status = run.get("status", "?")
+        reason = run.get("reason")
+        epochs_done = to_float(run.get("epochs_done"))
+        epochs = to_float(run.get("epochs"))
+        done_text = DASH if math.isnan(epochs_done) else f"{epochs_done:g}"
+        if not math.isnan(epochs):
+            done_text += f" of {epochs:g}"
+        if is_missing(reason):
+            reason = {
+                "incomplete": (
+                    "no DONE file: still training, or killed or interrupted before the end "
+                    "(the next sweep resumes it from its checkpoint)"
+                ),
+                "failed": "failed without a recorded reason",
+                "stopped": "stopped early by the search's scheduler",
+            }.get(status, f"status {status}")
+        elif status == "done":
+            status = "unreadable"
+        rows.append(
+            {
+                "run_id": run.get("run_id"),
+                "sweep": run.get("sweep"),
+                "status": status,
+                "objective": run.get("objective"),
+                "beta": run.get("beta") if run.get("objective") not in BASELINE_OBJECTIVES else None,
+                "noise": run.get("noise"),
+                "seed": run.get("seed"),
+                "epochs_done": done_text,
+                "reason": str(reason),
+            }
+        )
+    columns = ["run_id", "sweep", "status", "objective", "beta", "noise", "seed", "epochs_done", "reason"]
+    frame = pd.DataFrame(rows, columns=columns)
+    for column in columns:
+        frame[column] = frame[column].astype(object).where(frame[column].notna(), None)
+    frame = frame.sort_values(["status", "run_id"], kind="stable").reset_index(drop=True)
+    return Table(
+        name="unfinished",
+        title="Runs not finished",
+        frame=frame,
+        keys=columns,
+        note="Failed, incomplete and stopped runs: left out of the tables and figures above, listed here with why.",
+    )
+
+
+def fmt_key(column: str, value: Any) -> str:
+    if is_missing(value):
+        return DASH
+    if isinstance(value, (bool, np.bool_)):
+        return "yes" if value else "no"
+    if column == "objective":
+        return OBJECTIVE_LABELS.get(str(value), str(value))
+    if isinstance(value, (tuple, list)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    return str(value)
