@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -264,7 +266,6 @@ def wide_console(monkeypatch):
 
 
 def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
-    ray_before = "ray" in sys.modules
     spec_path = ROOT / "sweeps" / "quickstart.yaml"
     out = tmp_path / "runs"
     assert cli.main(["sweep", str(spec_path), "--dry-run", "--out", str(out)]) == 0
@@ -275,8 +276,6 @@ def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
         assert results.run_id(cfg) in text
     assert text.count(" new ") >= len(runs)  # one state cell per run
     assert not out.exists()  # a dry run writes nothing
-    if not ray_before:
-        assert "ray" not in sys.modules  # and never starts (or imports) Ray
 
     # --set reaches the runs: other run_ids; a finished run shows as done.
     planned = plan(load_sweep(spec_path, ["epochs=2"]), out)
@@ -286,6 +285,23 @@ def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
     text = capsys.readouterr().out
     assert f"{len(runs)} runs: 1 done, {len(runs) - 1} new" in text
     assert all(p.run_id in text for p in planned)
+
+
+@pytest.mark.parametrize("sweep", ["quickstart", "optuna_beta_k"])
+def test_a_dry_run_never_imports_ray(tmp_path: Path, sweep: str):
+    """In a fresh interpreter, so that no earlier test's import of Ray can hide one."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from ibbench import cli
+        code = cli.main(["sweep", {str(ROOT / "sweeps" / f"{sweep}.yaml")!r}, "--dry-run", "--out", {str(tmp_path)!r}])
+        print("exit", code, "ray imported:", sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "exit 0 ray imported: []" in proc.stdout, proc.stdout[-500:]
+    assert not list(tmp_path.iterdir())  # and writes nothing
 
 
 def test_dry_run_search(tmp_path: Path, capsys, wide_console):
@@ -312,3 +328,37 @@ def test_dry_run_bad_set_exits_2(tmp_path: Path, capsys):
     assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path), "--set", "betta=0.3"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --set: betta: unknown field"), lines
+
+
+# -- pre-flight checks: before Ray starts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, field, needle",
+    [
+        ({"resources": {"cpu": 4096}}, "resources.cpu", "4096 CPUs per trial, but this machine has"),
+        ({"resources": {"cpu": 1, "gpu": 1}}, "resources.gpu", "1 GPU per trial, but this machine has 0"),
+        ({"base": {"dataset": "cifar10", "data_dir": "<empty>", "epochs": 1}}, "data_dir", "CIFAR-10 not found"),
+    ],
+    ids=["cpu", "gpu", "cifar10_missing"],
+)
+def test_preflight_refuses_before_ray_starts(tmp_path: Path, changes: dict, field: str, needle: str):
+    if field == "resources.gpu" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = {"name": "pre", "base": {"dataset": "digits", "encoder": "mlp", "epochs": 1, "batch_size": 100},
+            "grid": {"beta": [0.1]}}  # fmt: skip
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if key == "base" else value
+    if spec["base"].get("data_dir") == "<empty>":
+        (tmp_path / "empty").mkdir()
+        spec["base"]["data_dir"] = str(tmp_path / "empty")
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "runs"
+    # The real command in a fresh process: a check that came after Ray's start would leave Ray's files behind.
+    proc = subprocess.run([str(Path(sys.executable).parent / "ibbench"), "sweep", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and f": {field}: " in lines[0], lines
+    assert not (out / "pre" / ".ray").exists() and not list(out.glob("pre/*/config.json"))

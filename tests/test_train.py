@@ -111,14 +111,19 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
+def killed_run(script_text: str, cfg: RunConfig, run_dir):
+    """Run cfg in a child process with script_text, which SIGKILLs itself; the run is left incomplete."""
+    script = run_dir.parent / "killed.py"
+    script.write_text(script_text.format(cfg=cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script), str(run_dir)], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert results.run_state(run_dir) == "incomplete"
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     cfg = small(epochs=4)
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_RUN.format(cfg=cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, timeout=300)
-    assert proc.returncode == -signal.SIGKILL
-    assert results.run_state(tmp_path / "resumed") == "incomplete"
+    killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
     train.run(cfg, tmp_path / "resumed")
@@ -138,3 +143,48 @@ def test_report_is_called_at_each_eval_epoch(tmp_path):
     train.run(small(epochs=4, eval_every=2), tmp_path / "r", report=seen.append)
     assert [r["epoch"] for r in seen] == [2, 4]
     assert all("acc/gmm" in r for r in seen)
+
+
+PREEMPTED_IN_ROBUSTNESS = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ibbench import train
+    from ibbench.config import RunConfig
+    cfg = RunConfig.from_dict({cfg!r})
+
+    def preempted(*args, **kwargs):  # the last epoch is checkpointed; die while the attacks run
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    train._robustness = preempted
+    train.run(cfg, sys.argv[1])
+    """
+)
+
+
+def test_a_run_preempted_during_the_robustness_phase_finishes_without_training_again(tmp_path):
+    cfg = small(epochs=2)
+    killed_run(PREEMPTED_IN_ROBUSTNESS, cfg, tmp_path / "resumed")
+    assert [r["epoch"] for r in results.read_metrics(tmp_path / "resumed")] == [1, 2]
+
+    epochs_trained = []
+    train.run(cfg, tmp_path / "resumed", progress=epochs_trained.append)
+    assert epochs_trained == []  # nothing trained again: only the robustness phase was left
+    train.run(cfg, tmp_path / "straight")
+    resumed, straight = (results.read_metrics(tmp_path / name) for name in ("resumed", "straight"))
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    summaries = [results.read_summary(tmp_path / name) for name in ("resumed", "straight")]
+    assert summaries[0]["status"] == "done" and summaries[0]["robustness"] == summaries[1]["robustness"]
+
+
+def test_an_error_that_is_not_a_training_failure_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "information_plane", out_of_memory)  # the first evaluation runs out of memory
+    with pytest.raises(train.TrainingFailed, match="OutOfMemoryError"):
+        train.run(small(epochs=2), tmp_path / "r")
+    summary = results.read_summary(tmp_path / "r")
+    assert summary["status"] == "failed" and results.run_state(tmp_path / "r") == "failed"
+    assert summary["reason"].startswith("OutOfMemoryError: CUDA out of memory")
