@@ -44,14 +44,17 @@ def expected_runs(raw: dict) -> tuple[int, list]:
     grid = raw.get("grid") or {}
     axes = [values for key, values in grid.items() if key != "decoder"]
     seeds = grid.get("seed", [(raw.get("base") or {}).get("seed", RunConfig.seed)])
-    return math.prod(len(v) for v in axes) + len(raw.get("baselines") or []) * len(seeds), seeds
+    # A list in a baselines entry is that entry's own axis (a list of lists for the list fields).
+    per_entry = [math.prod(len(v) for k, v in b.items() if isinstance(v, list) and (k not in ("decoders", "fgsm_eps")
+                           or all(isinstance(x, list) for x in v))) for b in raw.get("baselines") or []]  # fmt: skip
+    return math.prod(len(v) for v in axes) + sum(per_entry) * len(seeds), seeds
 
 
 # -- the shipped sweep files -------------------------------------------------------------------------------------
 
 
 def test_all_sweeps_shipped():
-    assert SHIPPED <= {p.stem for p in SWEEP_FILES}
+    assert SHIPPED | {"ib_family", "ib_family_digits"} <= {p.stem for p in SWEEP_FILES}
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
@@ -72,14 +75,17 @@ def test_sweep_file_loads_and_expands(path: Path):
     # The decoder axis folds into every run's decoders list (baselines included): one encoder per combination.
     decoders = tuple(grid.get("decoder", base.get("decoders", RunConfig.decoders)))
     assert all(r.decoders == decoders for r in runs)
-    n_grid = count - len(raw.get("baselines") or []) * len(seeds)
+    baselines = raw.get("baselines") or []
+    n_grid = math.prod(len(v) for k, v in grid.items() if k != "decoder")
     for key, values in grid.items():
         if key != "decoder":
             assert {getattr(r, key) for r in runs[:n_grid]} == set(values), key
-    baselines = raw.get("baselines") or []
-    assert [(r.objective, r.seed) for r in runs[n_grid:]] == [
-        (b.get("objective", base.get("objective", RunConfig.objective)), s) for b in baselines for s in seeds
-    ]
+    expected_tail = []
+    for b in baselines:
+        axes = [v for v in b.values() if isinstance(v, list)]
+        objective = b.get("objective", base.get("objective", RunConfig.objective))
+        expected_tail += [(objective, s) for _ in range(math.prod(len(v) for v in axes)) for s in seeds]
+    assert [(r.objective, r.seed) for r in runs[n_grid:]] == expected_tail
     for key, value in base.items():
         if key not in grid and all(key not in b for b in baselines):
             want = tuple(value) if isinstance(value, list) else value
@@ -162,6 +168,30 @@ def test_baselines_crossed_with_seeds(tmp_path: Path):
     assert [(r.objective, r.seed, r.noise) for r in runs[6:]] == [
         (obj, seed, False) for obj in ("ce", "ce_dropconnect") for seed in (0, 1, 2)
     ]
+
+
+def test_a_list_in_a_baselines_entry_is_its_own_axis(tmp_path: Path):
+    path = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100, decoders: [gmm]}\n"
+                 "grid: {beta: [0.1, 0.5], seed: [0, 1]}\n"
+                 "baselines:\n  - {objective: vib, beta: [0.001, 0.01, 0.1]}\n  - {objective: ce}\n"
+                 "  - {objective: ce, decoders: [[gmm], [gmm, logreg]]}\n")  # fmt: skip
+    runs = expand(load_sweep(path))
+    by = {}
+    for cfg in runs:
+        by.setdefault(cfg.objective, []).append(cfg)
+    assert len(by["ib"]) == 4 and all(cfg.noise for cfg in by["ib"])
+    assert sorted((c.beta, c.seed) for c in by["vib"]) == [(b, s) for b in (0.001, 0.01, 0.1) for s in (0, 1)]
+    assert not any(c.noise for c in by["vib"] + by["ce"])  # each objective's own noise default
+    assert sorted({c.decoders for c in by["ce"]}) == [("gmm",), ("gmm", "logreg")]  # 2 distinct ce configs × 2
+    assert len(by["ce"]) == 4  # {objective: ce} and {…, decoders: [[gmm], …]} coincide on [gmm]: one run per seed
+    bad = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100}\n"
+                "baselines:\n  - {objective: vib, beta: []}\n", "bad.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"baselines\[0\]\.beta: an empty list"):
+        load_sweep(bad)
+    out_of_range = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100}\n"
+                         "baselines:\n  - {objective: ib, beta: [0.5, 1.0]}\n", "range.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"baselines\[0\]\.beta: β'' = 1.0"):
+        load_sweep(out_of_range)
 
 
 def test_baselines_without_seed_axis_use_base_seed(tmp_path: Path):

@@ -1,6 +1,7 @@
 """train.run end to end on digits: the run directory, resume after SIGKILL, failure records, skip when done."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -188,3 +189,24 @@ def test_an_error_that_is_not_a_training_failure_is_recorded_with_its_reason(tmp
     summary = results.read_summary(tmp_path / "r")
     assert summary["status"] == "failed" and results.run_state(tmp_path / "r") == "failed"
     assert summary["reason"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize("objective, beta", [("vib", 1e-3), ("nlib", 0.1)])
+def test_the_other_ib_objectives_run_the_same_way(tmp_path, objective, beta):
+    cfg = small(objective=objective, beta=beta, epochs=2, lr=3e-3)
+    assert cfg.noise is False  # their noise is their own
+    summary = train.run(cfg, tmp_path / objective)
+    final = summary["final"]
+    assert final["acc/head"] > 0.5 and final["acc/gmm"] > 0.5
+    assert {"gmm", "head"} == set(summary["robustness"])
+    assert final["train/i_xz_bound"] > 0  # the objective's own bound on I(X;Z), next to the k-NN one
+    assert math.isfinite(final["infoplane/i_xz"])
+
+
+def test_vib_without_its_kl_term_learns_like_cross_entropy(tmp_path):
+    """β = 0: CE with a stochastic layer; on digits its accuracy is within a few points of plain CE."""
+    accuracy = {}
+    for objective in ("ce", "vib"):
+        cfg = small(objective=objective, beta=0.0, epochs=4, lr=3e-3, noise=False, decoders=["gmm"])
+        accuracy[objective] = train.run(cfg, tmp_path / objective)["final"]["acc/head"]
+    assert accuracy["ce"] > 0.85 and abs(accuracy["vib"] - accuracy["ce"]) <= 0.05, accuracy
