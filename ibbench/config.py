@@ -554,8 +554,9 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
 
     The `decoder` axis is folded into each run's `decoders` list: runs that differ only in the decoder share one
     encoder training. A list in a baselines entry is that entry's own axis (`{objective: vib, beta: [0.001, 0.01]}`
-    is two runs per seed), so objectives whose parameters mean different things sit in one sweep. A search sweep has no fixed runs: its base and every domain endpoint are validated and []
-    returned. A spec from load_sweep carries its runs already (expanded once per command).
+    is two runs per seed), so objectives whose parameters mean different things sit in one sweep. A search sweep
+    has no fixed runs: its base and every domain endpoint are validated and [] returned. A spec from load_sweep
+    carries its runs already (expanded once per command).
     """
     if spec.runs:
         return list(spec.runs)

@@ -154,28 +154,40 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
 ) -> dict[str, float]:
-    """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss."""
+    """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss.
+
+    Nothing in a step waits for the device: whether the latents and the loss were finite is kept on the device per
+    step and read once, at the end of the epoch (a diverged step poisons the weights, so the rest of the epoch is
+    wasted, but the epoch is neither checkpointed nor reported). The objective's own estimates may sync (the k-NN
+    search's precision check: two per ib step).
+    """
     model.encoder.train()
     model.objective.train()
     use_amp = cfg.amp == "bf16" and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
+    health: list[torch.Tensor] = []  # per step: (latents finite, loss finite, loss)
     batches = 0
     for xb, yb in loader:
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
             h = model.encoder(xb)
         h = h.float()  # the estimator and the loss stay in float32
-        if not bool(torch.isfinite(h).all()):
-            raise TrainingFailed(f"non-finite latents in epoch {epoch}, batch {batches + 1}: the encoder diverged")
         terms = model.objective(h, yb)  # the objective draws its latent (and any noise) from h
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingFailed(f"non-finite loss ({float(loss.detach())}) in epoch {epoch}, batch {batches + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        health.append(torch.stack([torch.isfinite(h).all().float(), torch.isfinite(loss).float(), loss.detach()]))
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + value.detach()
         batches += 1
+    if batches:
+        health_all = torch.stack(health).cpu()  # the epoch's one read of the device
+        bad = (health_all[:, :2] < 1).any(1).nonzero()
+        if len(bad):
+            first = int(bad[0, 0])
+            if health_all[first, 0] < 1:
+                raise TrainingFailed(f"non-finite latents in epoch {epoch}, batch {first + 1}: the encoder diverged")
+            raise TrainingFailed(f"non-finite loss ({float(health_all[first, 2])}) in epoch {epoch}, batch {first + 1}")
     return {key: float(total) / batches for key, total in sums.items()}
 
 

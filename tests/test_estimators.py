@@ -307,3 +307,42 @@ def test_kde_bound_brackets_the_truth_and_sits_above_the_knn_estimate_on_gaussia
     knn = float(knn_entropy(x[:n] + ZERO_ENTROPY_STD * torch.randn(n, d, generator=g, dtype=torch.float64), k=3))
     assert knn <= float(upper) + 0.05  # the k-NN estimate of the same noisy latents is below the upper bound ...
     assert float(upper) - knn <= float(upper - lower) + 0.25  # ... and within the bound's slack (+ its own error)
+
+
+# -- precision safety ------------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_collapsed_batches_give_the_same_finite_estimate_in_float32_and_float64():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(60, 8, generator=g)
+    with_duplicates = torch.cat([base, base[:20]])  # 20 exact duplicates: their k-th distance is 0 for k = 1
+    y = torch.arange(80) % 4
+    for z32 in (with_duplicates, 1e-20 * with_duplicates, 1e-20 * base):
+        z64 = z32.double()
+        for fn in (lambda z: knn_entropy(z, 1), lambda z: conditional_knn_entropy(z, y[: len(z)], 1)):
+            a32, a64 = z32.clone().requires_grad_(True), z64.clone().requires_grad_(True)
+            h32, h64 = fn(a32), fn(a64)
+            assert math.isfinite(float(h32)) and float(h32) == pytest.approx(float(h64), rel=1e-6)
+            h32.backward()
+            h64.backward()
+            assert torch.isfinite(a32.grad).all() and torch.isfinite(a64.grad).all()
+    # The collapsed batch is the same batch up to scale: its estimate moves by exactly d·log(1e-20).
+    shift = 8 * math.log(1e-20)
+    assert float(knn_entropy(1e-20 * base.double(), 1)) == pytest.approx(float(knn_entropy(base.double(), 1)) + shift)
+
+
+def test_the_tf32_guard_uses_the_new_precision_api():
+    """torch 2.14 raises on reading the legacy allow_tf32 flag once the fp32_precision API has been used."""
+    from ibbench.estimators import _exact_matmul
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with _exact_matmul(torch.device("cuda")):  # the flags exist on CPU builds too
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

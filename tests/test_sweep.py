@@ -77,7 +77,7 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
         tmp_path / "bad.yaml",
         name="onebad",
         base={**TINY_BASE, "noise": False},
-        grid={"lr": [0.001, 1.0e8], "seed": [0, 1]},
+        grid={"lr": [0.001, 1.0e20], "seed": [0, 1]},  # 1e20: the latents overflow float32
     )
     code = main(["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     assert code == 1
