@@ -73,6 +73,7 @@ class RunConfig:
     fgsm_eps: tuple[float, ...] = PAPER_FGSM_EPS  # L∞ radii in [0, 1] pixel units for the final robustness curve
     pgd_steps: int = 0  # > 0 also runs PGD with this many steps at the same radii
     amp: str = "off"  # "bf16": autocast the encoder on GPU (the estimator stays float32)
+    tf32: bool = False  # TF32 for float32 matmuls/convolutions on Ampere+ GPUs; off: IEEE float32, as the paper ran
     channels_last: bool = False  # NHWC memory format for conv encoders on GPU
     device: str = "auto"  # auto: CUDA when present, else CPU
 

@@ -8,6 +8,7 @@ import platform
 import random
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,6 +73,30 @@ def pick_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("<config>", "device", "cuda was asked for, but torch sees no CUDA device", "auto, cpu")
     return torch.device(name)
+
+
+def set_precision(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Make the run's float32 arithmetic what cfg says and return what summary.json records of it.
+
+    Set on every run, both ways: the flags are process-wide, and a Ray worker reused for the next trial must not
+    keep an earlier run's TF32. Without this, convolutions on Ampere+ GPUs use TF32 even with amp off.
+    """
+    mode = "tf32" if cfg.tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch ≥ 2.9; the legacy flags raise once this API has been used
+        matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    cuda = device.type == "cuda"
+    precision: dict[str, Any] = {"amp": cfg.amp if cuda else "off", "float32": mode if cuda else "ieee"}
+    if cuda and cfg.amp == "bf16":
+        precision["bf16_native"] = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not precision["bf16_native"]:
+            # warnings shows this once per process and place, not once per run of a long sweep.
+            warnings.warn(f"amp: bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16: it is "
+                          "emulated (slow); use amp: off on this GPU", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return precision
 
 
 def seed_everything(seed: int) -> None:
@@ -309,6 +334,7 @@ def run(
         # Fixed input shapes all run long: let cuDNN pick its fastest convolutions once (bitwise GPU
         # reproducibility is not promised anyway; CPU runs stay deterministic).
         torch.backends.cudnn.benchmark = True
+    precision = set_precision(cfg, device)
     seed_everything(cfg.seed)
     # Data first: a missing dataset is a ConfigError for the caller, before anything is written.
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
@@ -318,7 +344,7 @@ def run(
         if results.run_state(run_dir) == "done":  # finished by whoever held the lock before us
             return results.read_summary(run_dir) or {}
         results.write_config(run_dir, cfg)
-        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress)
+        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, precision)
 
 
 def _train(
@@ -331,11 +357,13 @@ def _train(
     started_at: str,
     report: Reporter | None,
     progress: Reporter | None,
+    precision: dict[str, Any],
 ) -> dict[str, Any]:
     """The body of run(), under the run directory's lock."""
     model = _build(cfg, data, device)
     # The loader holds the train split on the device already; eval reuses it (un-augmented) and the test split.
-    splits = _Splits(loader.x, loader.y, data.test_x.to(device), data.test_y.to(device), data.info.num_classes)
+    test_x = data.test_x.contiguous(memory_format=torch.channels_last) if loader.channels_last else data.test_x
+    splits = _Splits(loader.x, loader.y, test_x.to(device), data.test_y.to(device), data.info.num_classes)
     params = list(model.encoder.parameters()) + list(model.objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -421,6 +449,7 @@ def _train(
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": str(device),
+        "precision": precision,
         "versions": _versions(),
         "git_commit": _git_commit(),
     }

@@ -124,7 +124,8 @@ def killed_run(script_text: str, cfg: RunConfig, run_dir):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    cfg = small(epochs=4)
+    # On the CPU: bitwise equality is promised there only (cuDNN autotuning and atomic adds vary on GPUs).
+    cfg = small(epochs=4, device="cpu")
     killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
@@ -249,3 +250,18 @@ def test_a_training_step_reads_the_device_at_most_twice(objective, most):
             train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
         reads[steps] = counter.count
     assert (reads[3] - reads[1]) / 2 <= most, reads
+
+
+def test_float32_precision_is_set_both_ways_and_recorded(tmp_path):
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        # The flags are process-wide: a reused Ray worker must not keep an earlier run's TF32.
+        assert train.set_precision(small(tf32=True), torch.device("cuda")) == {"amp": "off", "float32": "tf32"}
+        assert (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert train.set_precision(small(tf32=False), torch.device("cuda"))["float32"] == "ieee"
+        assert (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+    summary = train.run(small(epochs=1, tf32=True, device="cpu"), tmp_path / "r")
+    assert summary["precision"] == {"amp": "off", "float32": "ieee"}  # no TF32 on a CPU, whatever was asked
