@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import traceback
 
 import pytest
 import torch
+from host_reads import HostReads
 
 from ibbench import results, train
 from ibbench.config import RunConfig
@@ -214,23 +214,6 @@ def test_vib_without_its_kl_term_learns_like_cross_entropy(tmp_path):
     assert accuracy["ce"] > 0.85 and abs(accuracy["vib"] - accuracy["ce"]) <= 0.05, accuracy
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor calls that make the host wait for the device (on CUDA: a sync)."""
-
-    SYNCING = ("__bool__", "item", "tolist", "cpu", "__float__", "__int__", "numpy", "__index__")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.SYNCING:
-            # Adam reads its `step` counter with .item(): a host tensor (train.py keeps it there), so no sync.
-            caller = traceback.extract_stack(limit=3)[0].filename
-            self.count += f"torch{os.sep}optim{os.sep}" not in caller
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("objective, most", [("ib", 2), ("ce", 0), ("vib", 0), ("nlib", 0)])
 def test_a_training_step_reads_the_device_at_most_twice(objective, most):
     """Host reads per step, counted on CPU as the difference between a 3-step and a 1-step epoch (what an epoch
@@ -246,7 +229,7 @@ def test_a_training_step_reads_the_device_at_most_twice(objective, most):
     batches = list(loader)
     reads = {}
     for steps in (1, 3):
-        with _HostReads() as counter:
+        with HostReads() as counter:
             train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
         reads[steps] = counter.count
     assert (reads[3] - reads[1]) / 2 <= most, reads
