@@ -35,6 +35,7 @@ class Objective(nn.Module):
     """Base class: `forward(z, y) -> {"loss": scalar, ...}`; `logits(z)` when the objective has a head."""
 
     has_head: bool = False
+    terms: tuple[str, ...] = ("loss",)  # the keys forward() returns (metrics.jsonl's train/<term>)
 
     def __init__(self, settings: ObjectiveSettings):
         super().__init__()
@@ -57,6 +58,8 @@ def ib_terms(z: torch.Tensor, y: torch.Tensor, beta: float, k: int = 1) -> dict[
 class IB(Objective):
     """min H[Z|Y] + (β'' − 1) H[Z]: minimising H[Y|Z] + β'' H[Z] up to the constant H[Y], no decoder needed."""
 
+    terms = ("loss", "h_z", "h_z_given_y")
+
     def __init__(self, settings: ObjectiveSettings):
         super().__init__(settings)
         if not (0.0 <= settings.beta <= 1.0 and math.isfinite(settings.beta)):
@@ -71,6 +74,7 @@ class CrossEntropy(Objective):
     """Cross-entropy (nats) through a linear head on the latent: the paper's baseline."""
 
     has_head = True
+    terms = ("loss", "ce", "train_acc")
 
     def __init__(self, settings: ObjectiveSettings):
         super().__init__(settings)

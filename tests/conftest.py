@@ -40,6 +40,18 @@ def _write_cifar_batch(path: Path, data: np.ndarray, labels: list[int], batch_la
         pickle.dump(entry, f, protocol=2)
 
 
+@pytest.fixture(scope="session")
+def ray_runtime():
+    """One Ray runtime for the whole test session (ray.init costs seconds); every Ray test shares it."""
+    import ray
+
+    from ibbench.launch.local import init_ray
+
+    init_ray(num_cpus=2)
+    yield
+    ray.shutdown()
+
+
 @pytest.fixture
 def cifar10_dir(tmp_path: Path) -> Path:
     """A tiny CIFAR-10 in the real python layout: <root>/cifar-10-batches-py, 20 images per batch file."""

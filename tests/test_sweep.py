@@ -16,22 +16,11 @@ from tiny import TINY_RUN
 from ibbench import results
 from ibbench.cli import main
 from ibbench.config import load_sweep
-from ibbench.launch.local import init_ray
 from ibbench.sweep import OPTUNA_DB, expand, plan, run_sweep
 
 pytestmark = pytest.mark.slow
 
 TINY_BASE = TINY_RUN
-
-
-@pytest.fixture(scope="session")
-def ray_runtime():
-    """One Ray runtime for the whole test session (ray.init costs seconds)."""
-    import ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def write_spec(path: Path, **spec) -> Path:
