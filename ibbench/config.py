@@ -97,8 +97,12 @@ class RunConfig:
 
     def identity(self) -> str:
         """What the run computes: its values minus the placement fields, as sorted compact JSON (see run_id)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        cached = self.__dict__.get("_identity")  # computed once: a sweep asks it for every run several times
+        if cached is None:
+            values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+            cached = json.dumps(values, sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_identity", cached)
+        return cached
 
     def replace(self, source: str = "<config>", **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
@@ -106,10 +110,7 @@ class RunConfig:
 
     def validate(self, source: str = "<config>") -> None:
         """Raise ConfigError for values no run could use; registry names checked against the registries."""
-        from ibbench.data import DATASETS, check_batch
-        from ibbench.decoders import DECODERS
-        from ibbench.models import ENCODERS
-        from ibbench.objectives import OBJECTIVES
+        DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch = _registries()
 
         def fail(name: str, problem: str, allowed: str | None = None) -> typing.NoReturn:
             raise ConfigError(source, name, problem, allowed)
@@ -174,6 +175,17 @@ class RunConfig:
                 " with more than k samples per class" if self.objective == "ib" else ""
             )
             fail("batch_size", str(exc), allowed)
+
+
+@functools.cache
+def _registries() -> tuple:
+    """DATASETS, DECODERS, ENCODERS, OBJECTIVES and check_batch, imported on first use (they import torch)."""
+    from ibbench.data import DATASETS, check_batch
+    from ibbench.decoders import DECODERS
+    from ibbench.models import ENCODERS
+    from ibbench.objectives import OBJECTIVES
+
+    return DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch
 
 
 @functools.cache

@@ -85,10 +85,12 @@ def plan(spec: SweepSpec, out: Path) -> list[PlannedRun]:
     """The grid's runs with their states; for a search, the runs it has made so far."""
     root = sweep_dir(spec, out)
     if spec.search is None:
+        started = set(os.listdir(root)) if root.is_dir() else set()  # one listing, not 4 stats per new run
         planned = []
         for cfg in expand(spec):
             rid = results.run_id(cfg)
-            planned.append(PlannedRun(cfg, rid, root / rid, results.run_state(root / rid)))
+            run_dir = root / rid
+            planned.append(PlannedRun(cfg, rid, run_dir, results.run_state(run_dir) if rid in started else "new"))
         return planned
     return [PlannedRun(results.read_config(d), d.name, d, results.run_state(d)) for d in results.iter_run_dirs(root)]
 
