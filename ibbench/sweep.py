@@ -21,7 +21,16 @@ from typing import Any
 import yaml
 
 from ibbench import results
-from ibbench.config import DECODER_AXIS, PLACEMENT_FIELDS, ConfigError, RunConfig, SweepSpec, expand, plain
+from ibbench.config import (
+    DECODER_AXIS,
+    MAX_RUNS,
+    PLACEMENT_FIELDS,
+    ConfigError,
+    RunConfig,
+    SweepSpec,
+    expand,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +62,8 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     out["resources"] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.max_concurrent is not None:
         out["max_concurrent"] = spec.max_concurrent
+    if spec.max_runs != MAX_RUNS:
+        out["max_runs"] = spec.max_runs
     return out
 
 

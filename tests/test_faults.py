@@ -555,6 +555,7 @@ def test_where_flock_fails_the_lock_file_still_keeps_runs_apart(tmp_path, flock_
 # -- small: epochs_done --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_epochs_done_counts_only_finished_epochs_of_a_failed_run(tmp_path):
     def fail_in_epoch_2(terms):
         if terms["epoch"] == 2:

@@ -266,6 +266,7 @@ def test_the_default_cap_refuses_a_huge_grid_before_building_it(tmp_path: Path):
         load_sweep(path)  # 131769 configs would take minutes to build; the refusal is immediate
     raised = write(tmp_path, BASE + "max_runs: 6\ngrid: {beta: [0.1, 0.2, 0.3], seed: [0, 1]}\n", "raised.yaml")
     assert len(expand(load_sweep(raised))) == 6  # the cap is the sweep file's to raise
+    assert spec_to_dict(load_sweep(raised))["max_runs"] == 6  # and sweep.yaml keeps it, for status and reruns
 
 
 def test_a_search_metric_reported_by_every_trial_is_accepted(tmp_path: Path):
