@@ -341,10 +341,14 @@ class RunLock:
             fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         except FileExistsError:
             return False
-        with os.fdopen(fd, "wb") as f:
-            f.write(self._content())
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._content())
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # e.g. a full disk: an empty lock file would hold others off for stale_s
+            self.path.unlink(missing_ok=True)
+            raise
         return True
 
     def _stale(self, path: Path, content: bytes) -> bool:
@@ -399,10 +403,12 @@ class RunLock:
                     f.truncate()
                     f.flush()
                     os.fsync(f.fileno())
-            except (OSError, ValueError) as exc:
+            except (FileNotFoundError, ValueError) as exc:
                 self.lost = True
                 log.error("%s: lost the run lock (%s): another process may be training this run", self.run_dir, exc)
                 return
+            except OSError as exc:  # a filesystem hiccup: beat again next time (stale_s allows several misses)
+                log.warning("%s: could not renew the run lock: %s", self.run_dir, exc)
 
     def acquire(self) -> RunLock:
         deadline = time.monotonic() + self.wait_s

@@ -509,6 +509,19 @@ def test_a_lock_from_another_node_is_taken_over_only_when_its_heartbeat_stops(tm
         assert results.lock_owner(tmp_path)["host"] == socket.gethostname()
 
 
+def test_a_holder_renews_its_lock_and_notices_when_it_was_taken_over(tmp_path):
+    lock = results.RunLock(tmp_path, heartbeat_s=0.05).acquire()
+    try:
+        wait_for(lambda: (results.lock_owner(tmp_path) or {}).get("beats", 0) >= 2, 10, "two heartbeats")
+        assert not lock.lost
+        # Another process judged it stale (this one was frozen) and took over:
+        (tmp_path / results.LOCK_FILE).write_text(json.dumps({"host": "node-b", "pid": 1, "token": "theirs"}))
+        wait_for(lambda: lock.lost, 10, "the holder to notice")
+    finally:
+        lock.release()
+    assert results.lock_owner(tmp_path)["token"] == "theirs"  # releasing leaves the new holder's file alone
+
+
 FAILING_FLOCK = r"""
 #include <errno.h>
 int flock(int fd, int operation) { errno = ERRNO; return -1; }
