@@ -145,7 +145,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     from ibbench.config import load_sweep
     from ibbench.sweep import archive_study, check_study, optuna_trial_count, plan, sweep_dir, sweep_metric
 
-    spec = load_sweep(args.spec, args.set)
+    spec = load_sweep(args.spec, args.set, max_runs=args.max_runs)
     out = Path(args.out)
     if args.new_study and not args.dry_run:
         kept = archive_study(spec, out)
@@ -409,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base field")
     sweep.add_argument("--retry-failed", action="store_true", help="train failed runs again (from their checkpoints)")
     sweep.add_argument("--wait", action="store_true", help="slurm launchers: block with a progress view until done")
+    sweep.add_argument("--max-runs", type=int, help="refuse larger grids (default: the file's max_runs)")
     sweep.add_argument(
         "--new-study", action="store_true", help="search sweeps: start a new Optuna study (the old one is kept)"
     )

@@ -464,8 +464,11 @@ def _parse_search(source: str, raw: Any) -> SearchSpec:
     )
 
 
-def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
-    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated."""
+def load_sweep(
+    path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = (), max_runs: int | None = None
+) -> SweepSpec:
+    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated.
+    max_runs, when given (`--max-runs`), replaces the file's cap on the grid's size."""
     source = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):
@@ -515,13 +518,16 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None:
         max_concurrent = _number(source, "max_concurrent", max_concurrent, 1, integer=True)
-    max_runs = _number(source, "max_runs", raw.get("max_runs", MAX_RUNS), 1, integer=True)
+    if max_runs is None:
+        max_runs = _number(source, "max_runs", raw.get("max_runs", MAX_RUNS), 1, integer=True)
+    else:
+        max_runs = _number("--max-runs", "--max-runs", max_runs, 1, integer=True)
     size = math.prod(len(values) for key, values in grid if key != DECODER_AXIS) + len(baselines) * len(
         dict(grid).get("seed", (None,))
     )
     if size > max_runs:
-        raise ConfigError(source, "grid", f"{size} runs exceed max_runs = {max_runs}",
-                          f"at most {max_runs} runs; set max_runs in the sweep file to allow more")  # fmt: skip
+        raise ConfigError(source, "grid", f"{size} runs exceed max_runs = {max_runs}", f"at most {max_runs} "
+                          "runs; set max_runs in the sweep file (or --max-runs) to allow more")  # fmt: skip
     spec = SweepSpec(
         name=name,
         base=tuple((k, _freeze(v)) for k, v in base.items()),  # lists as tuples: the spec stays hashable

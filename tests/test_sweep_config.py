@@ -267,6 +267,8 @@ def test_the_default_cap_refuses_a_huge_grid_before_building_it(tmp_path: Path):
     raised = write(tmp_path, BASE + "max_runs: 6\ngrid: {beta: [0.1, 0.2, 0.3], seed: [0, 1]}\n", "raised.yaml")
     assert len(expand(load_sweep(raised))) == 6  # the cap is the sweep file's to raise
     assert spec_to_dict(load_sweep(raised))["max_runs"] == 6  # and sweep.yaml keeps it, for status and reruns
+    with pytest.raises(ConfigError, match=r": grid: 6 runs exceed max_runs = 5"):
+        load_sweep(raised, max_runs=5)  # ibbench sweep --max-runs 5
 
 
 def test_a_search_metric_reported_by_every_trial_is_accepted(tmp_path: Path):
