@@ -195,10 +195,15 @@ def _hints(cls: type) -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """typing.get_origin and get_args of a field type, once per type (they cost more than the check itself)."""
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
 def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
     """value converted to the field's declared type, or ConfigError naming the field and the type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = _shape(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
