@@ -6,6 +6,7 @@ Errors read `<file>: <field>: <problem>; allowed: <…>` (ConfigError) and are r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -40,6 +41,9 @@ AMP_MODES = ("off", "bf16")
 # Fields that say where a run executes, not what it computes: two machines running the same experiment must
 # share one run directory, so these stay out of the run's identity (results.run_id).
 PLACEMENT_FIELDS = ("data_dir", "download", "device")
+# The largest seed every consumer accepts: numpy's legacy RNG and scikit-learn's splits take 32-bit seeds (torch
+# takes 64-bit ones); a larger seed would pass validation and crash the run.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -89,11 +93,10 @@ class RunConfig:
         """Validated RunConfig from plain values (YAML, JSON, a sweep trial); ConfigError names the field."""
         if not isinstance(values, Mapping):
             raise ConfigError(source, "(top level)", f"expected a mapping of fields, got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known), key=str)  # key=str: YAML keys may be numbers
+        hints = _hints(cls)  # resolved once: get_type_hints per call was most of a sweep's validation time
+        unknown = sorted(set(values) - set(hints), key=str)  # key=str: YAML keys may be numbers
         if unknown:
-            raise ConfigError(source, str(unknown[0]), "unknown field", ", ".join(known))
-        hints = typing.get_type_hints(cls)
+            raise ConfigError(source, str(unknown[0]), "unknown field", ", ".join(hints))
         coerced = {name: coerce(source, name, value, hints[name]) for name, value in values.items()}
         cfg = cls(**coerced)
         cfg.validate(source)
@@ -101,12 +104,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        # Fields are flat (scalars and tuples of scalars): no deep copy via dataclasses.asdict needed.
+        values = ((name, getattr(self, name)) for name in _hints(RunConfig))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values}
 
     def identity(self) -> str:
         """What the run computes: its values minus the placement fields, as sorted compact JSON (see run_id)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        cached = self.__dict__.get("_identity")  # computed once: a sweep asks it for every run several times
+        if cached is None:
+            values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+            cached = json.dumps(values, sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_identity", cached)
+        return cached
 
     def replace(self, source: str = "<config>", **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
@@ -114,10 +123,7 @@ class RunConfig:
 
     def validate(self, source: str = "<config>") -> None:
         """Raise ConfigError for values no run could use; registry names checked against the registries."""
-        from ibbench.data import DATASETS, check_batch
-        from ibbench.decoders import DECODERS
-        from ibbench.models import ENCODERS
-        from ibbench.objectives import OBJECTIVES
+        DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch = _registries()
 
         def fail(name: str, problem: str, allowed: str | None = None) -> typing.NoReturn:
             raise ConfigError(source, name, problem, allowed)
@@ -161,7 +167,10 @@ class RunConfig:
         if not self.nlib_noise_var > 0:
             fail("nlib_noise_var", f"{self.nlib_noise_var} is not a positive variance", "a number > 0")
         if self.seed < 0:
-            fail("seed", f"{self.seed} is negative", "an integer ≥ 0")
+            fail("seed", f"{self.seed} is negative", f"an integer ≥ 0 and ≤ {MAX_SEED} (2**32 − 1)")
+        if self.seed > MAX_SEED:
+            fail("seed", f"{self.seed} is too large: numpy and scikit-learn take 32-bit seeds",
+                 f"an integer ≥ 0 and ≤ {MAX_SEED} (2**32 − 1)")  # fmt: skip
         for eps in self.fgsm_eps:
             if not (0.0 <= eps <= 1.0):
                 fail(
@@ -189,10 +198,33 @@ class RunConfig:
         return self.k if OBJECTIVES.get(self.objective).knn_batches else 0
 
 
+@functools.cache
+def _registries() -> tuple:
+    """DATASETS, DECODERS, ENCODERS, OBJECTIVES and check_batch, imported on first use (they import torch)."""
+    from ibbench.data import DATASETS, check_batch
+    from ibbench.decoders import DECODERS
+    from ibbench.models import ENCODERS
+    from ibbench.objectives import OBJECTIVES
+
+    return DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field types, in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """typing.get_origin and get_args of a field type, once per type (they cost more than the check itself)."""
+    return typing.get_origin(hint), typing.get_args(hint)
+
+
 def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
     """value converted to the field's declared type, or ConfigError naming the field and the type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = _shape(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -224,7 +256,25 @@ def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float: YAML 1.1 (PyYAML) wants a dot, so `lr: 1e-3` was a string."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants a dot, so `lr: 1e-3` was a string) and refuses
+    a key given twice in one mapping (PyYAML keeps the last silently, so a sweep would run something else)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -254,7 +304,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(source, where, f"invalid YAML: {problem}") from None
 
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, Any]:
@@ -263,7 +313,7 @@ def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, An
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not _KEY.match(key):
+        if not sep or not _KEY.fullmatch(key):
             raise ConfigError(source, item, "expected key=value", "e.g. --set beta=0.3 --set decoders=[gmm,resfc]")
         try:
             out[key] = _load_yaml(raw) if raw.strip() else ""
@@ -296,8 +346,9 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] | M
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps
 
-SWEEP_NAME = re.compile(r"^[a-z0-9_-]+$")
-SWEEP_KEYS = ("name", "base", "grid", "baselines", "search", "resources", "max_concurrent")
+SWEEP_NAME = re.compile(r"[a-z0-9_-]+")  # matched with fullmatch
+SWEEP_KEYS = ("name", "base", "grid", "baselines", "search", "resources", "max_concurrent", "max_runs")
+MAX_RUNS = 100_000  # default cap on a grid's size: a typo'd axis must not build millions of configs first
 DECODER_AXIS = "decoder"  # a grid axis of single decoders, folded into each run's `decoders` list
 SEARCH_ALGORITHMS = ("optuna",)
 SCHEDULERS = ("none", "asha")
@@ -337,6 +388,7 @@ class SweepSpec:
     search: SearchSpec | None = None  # an Optuna search instead of the grid
     resources: Resources = Resources()  # per trial
     max_concurrent: int | None = None  # cap on trials at once (None: as many as resources allow)
+    max_runs: int = MAX_RUNS  # a grid larger than this is refused before it is built (raise it on purpose)
     source: str = "<sweep>"  # the file it came from, for error messages
     runs: tuple[RunConfig, ...] = dataclasses.field(default=(), compare=False, repr=False)  # the grid, expanded once
 
@@ -372,13 +424,16 @@ def _check_mapping(source: str, field: str, value: Any, allowed: Sequence[str]) 
     return dict(value)
 
 
-def _number(source: str, field: str, value: Any, minimum: float, integer: bool = False) -> Any:
+def _number(
+    source: str, field: str, value: Any, minimum: float, integer: bool = False, maximum: float = math.inf
+) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if integer:
         ok = ok and float(value).is_integer()
-    if not ok or value < minimum:
+    if not ok or not minimum <= value <= maximum:
         kind = "an integer" if integer else "a number"
-        raise ConfigError(source, field, f"{value!r} is not {kind} ≥ {minimum:g}", f"{kind} ≥ {minimum:g}")
+        bounds = f"≥ {minimum:g}" if maximum == math.inf else f"in [{minimum:g}, {maximum:.0f}]"
+        raise ConfigError(source, field, f"{value!r} is not {kind} {bounds}", f"{kind} {bounds}")
     return int(value) if integer else float(value)
 
 
@@ -431,12 +486,15 @@ def _parse_search(source: str, raw: Any) -> SearchSpec:
         algorithm=algorithm,
         scheduler=scheduler,
         grace_period=_number(source, "search.grace_period", values.get("grace_period", 1), 1, integer=True),
-        seed=_number(source, "search.seed", values.get("seed", 0), 0, integer=True),
+        seed=_number(source, "search.seed", values.get("seed", 0), 0, integer=True, maximum=MAX_SEED),
     )
 
 
-def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
-    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated."""
+def load_sweep(
+    path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = (), max_runs: int | None = None
+) -> SweepSpec:
+    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated.
+    max_runs, when given (`--max-runs`), replaces the file's cap on the grid's size."""
     source = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):
@@ -445,7 +503,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         if key not in SWEEP_KEYS:
             raise ConfigError(source, str(key), "unknown sweep key", ", ".join(SWEEP_KEYS))
     name = raw.get("name")
-    if not isinstance(name, str) or not SWEEP_NAME.match(name):
+    if not isinstance(name, str) or not SWEEP_NAME.fullmatch(name):  # fullmatch: `$` would accept "name\n"
         raise ConfigError(source, "name", f"{name!r} is not a valid sweep name",
                           "lower-case letters, digits, '_' and '-' (it names a folder under --out)")  # fmt: skip
     fields = _run_fields()
@@ -491,6 +549,16 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None:
         max_concurrent = _number(source, "max_concurrent", max_concurrent, 1, integer=True)
+    if max_runs is None:
+        max_runs = _number(source, "max_runs", raw.get("max_runs", MAX_RUNS), 1, integer=True)
+    else:
+        max_runs = _number("--max-runs", "--max-runs", max_runs, 1, integer=True)
+    size = math.prod(len(values) for key, values in grid if key != DECODER_AXIS) + len(baselines) * len(
+        dict(grid).get("seed", (None,))
+    )
+    if size > max_runs:
+        raise ConfigError(source, "grid", f"{size} runs exceed max_runs = {max_runs}", f"at most {max_runs} "
+                          "runs; set max_runs in the sweep file (or --max-runs) to allow more")  # fmt: skip
     spec = SweepSpec(
         name=name,
         base=tuple((k, _freeze(v)) for k, v in base.items()),  # lists as tuples: the spec stays hashable
@@ -499,10 +567,32 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         search=search,
         resources=resources,
         max_concurrent=max_concurrent,
+        max_runs=max_runs,
         source=source,
     )
     # Every run the sweep implies is built, and so validated, now, before anything starts; once per command.
-    return dataclasses.replace(spec, runs=tuple(expand(spec)))
+    runs = tuple(expand(spec))
+    if search is not None:
+        _check_metric(spec)
+    return dataclasses.replace(spec, runs=runs)
+
+
+def _check_metric(spec: SweepSpec) -> None:
+    """search.metric must be a metric every trial reports (a typo would train a trial, then fail the search)."""
+    from ibbench.metrics import reported_metrics
+
+    space = {key: args for key, kind, args in spec.search.space if kind == "choice"}
+    base = {k: plain(v) for k, v in spec.base}
+    objectives = space.get("objective", [base.get("objective", RunConfig.objective)])
+    decoder_lists = space.get("decoders", [base.get("decoders", RunConfig.decoders)])
+    known = None
+    for objective in objectives:
+        for decoders in decoder_lists:
+            names = set(reported_metrics(objective, plain(decoders)))
+            known = names if known is None else known & names
+    if spec.search.metric not in known:
+        raise ConfigError(spec.source, "search.metric", f"{spec.search.metric!r} is not a metric the runs report",
+                          ", ".join(sorted(known)))  # fmt: skip
 
 
 # -- expansion ---------------------------------------------------------------------------------------------------

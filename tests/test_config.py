@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ibbench import config
-from ibbench.config import RunConfig, load_run_config, parse_overrides
+from ibbench.config import RunConfig, load_run_config, parse_overrides, read_yaml
 from ibbench.errors import ConfigError
 
 FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
@@ -128,6 +128,9 @@ BAD = {
     "unknown_device": ("device: tpu\n", "device", ["'tpu'", "auto, cpu, cuda"]),
     "dropconnect_one": ("dropconnect: 1.0\n", "dropconnect", ["[0, 1)"]),
     "negative_seed": ("seed: -1\n", "seed", ["≥ 0"]),
+    "seed_2_64": ("seed: 18446744073709551616\n", "seed", ["too large", "4294967295"]),
+    "seed_2_32": ("seed: 4294967296\n", "seed", ["too large", "4294967295"]),
+    "duplicate_key": ("beta: 0.1\nk: 2\nbeta: 0.5\n", "line 3", ["duplicate key 'beta' (first on line 1)"]),
     "unknown_amp": ("amp: fp8\n", "amp", ["off, bf16"]),
     "yaml_syntax": ("beta: 0.1\nk: [1, 2\nseed: 0\n", "line", ["invalid YAML"]),
     "top_level_list": ("- beta: 0.1\n", "(top level)", ["mapping", "list"]),
@@ -153,6 +156,19 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path):
     path.write_text("beta: 0.1\nseed: 0\nk: [1, 2\nlr: 0.1\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line \d+: invalid YAML"):
         load_run_config(path)
+
+
+def test_largest_seed_every_consumer_accepts_is_valid():
+    assert RunConfig.from_dict({"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_duplicate_keys_in_nested_mappings_are_refused_and_merges_are_not(tmp_path: Path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nbase:\n  k: 1\n  epochs: 2\n  k: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line 5: invalid YAML: duplicate key 'k'"):
+        read_yaml(path)
+    path.write_text("a: &a {k: 1, beta: 0.1}\nb: {<<: *a, k: 2}\n")
+    assert read_yaml(path)["b"] == {"k": 2, "beta": 0.1}  # overriding a merged key is what merges are for
 
 
 def test_missing_file(tmp_path: Path):
