@@ -133,7 +133,6 @@ class Report:
             out += [("p", self.unfinished.note), ("table", self.unfinished)]
         return out
 
-
     def _unreliable_blocks(self) -> list[Block]:
         """A paragraph naming every (model, decoder) whose worst case looks masked, with the numbers."""
         masking = self.tables["masking"].frame
