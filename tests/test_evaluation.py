@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
+from ibbench.attacks import WORST, AttackSettings
 from ibbench.decoders import Decoder
 from ibbench.estimators import ZERO_ENTROPY_STD
-from ibbench.attacks import WORST, AttackSettings
 from ibbench.evaluation import (
     EncoderDecoder,
     decoder_accuracy,

@@ -121,7 +121,7 @@ def test_robustness_tables_equal_pandas_on_old_runs():
     table = report.attack_table(runs)
     assert [m.label for m in table.metrics] == ["ε=0", "ε=0.02", "ε=0.05", "AUC"]
     assert len(table.frame) == len(expected) and set(table.frame["attack"]) == {"fgsm"}
-    for decoder, rows_of in table.frame.groupby("decoder"):
+    for _, rows_of in table.frame.groupby("decoder"):
         assert rows_of["auc"].is_monotonic_decreasing  # ordered by AUC within (attack, decoder)
     for _, row in table.frame.iterrows():
         key = tuple("-" if v is None else v for v in _table_key(row))
