@@ -48,3 +48,12 @@ def test_bench_gpu_epoch_tiny_on_cpu_prints_ratio(tmp_path):
     ratio = [line for line in out.splitlines() if line.startswith("ratio plain/fast epoch:")]
     assert len(ratio) == 1 and "not meaningful on cpu" in ratio[0], out
     assert out.count("images/s") == 2
+
+
+@pytest.mark.slow
+def test_bench_attacks_quick_prints_shares():
+    out = run_script("bench_attacks.py", "--quick", timeout=300)
+    lines = [line for line in out.splitlines() if line.startswith("share attacking")]
+    assert sum("quickstart" in line for line in lines) == 2, out
+    assert sum("resnet18" in line for line in lines) == 4, out  # ib and ce, measured and bound
+    assert all("target ≤ 30 %" in line for line in lines)
