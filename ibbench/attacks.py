@@ -58,6 +58,8 @@ CE_BLIND_SHARE = 0.05  # a larger share of zero cross-entropy input gradients ma
 SQUARE_GAP = 0.02  # Square beating every gradient attack by more than this (accuracy) means masked gradients
 BREAK_EPS = 0.2  # at this L∞ radius (51/255) a working attack leaves any model not trained adversarially near 0 %
 BREAK_ACCURACY = 0.05  # ... "near 0 %": a worst case above this there looks masked
+# ... unless the model is at chance: a (near-)constant classifier cannot be flipped, its class keeps its share
+CHANCE_FACTOR = 2.0  # clean accuracy ≤ this × a constant classifier's (the largest class share): chance level
 
 
 @contextlib.contextmanager
@@ -329,16 +331,22 @@ def attack_suite(
     return out
 
 
-def worst_case(per_image: Mapping[str, Mapping[float, torch.Tensor]]) -> dict[float, torch.Tensor]:
-    """Per eps, the images (bool (N,)) that every attack leaves correct: the AND over attacks, not a min of rates."""
+def worst_case(per_image: Mapping[str, Mapping[float, torch.Tensor] | torch.Tensor]) -> dict[float, torch.Tensor]:
+    """Per eps, the images (bool (N,)) that every attack leaves correct: the AND over attacks, not a min of rates.
+
+    per_image maps attack -> {eps: bool (N,)} (attack_suite's layout; a "worst" entry is ignored), or attack ->
+    bool (N,) for a single radius, in which case the result is that one mask.
+    """
     attacks = [name for name in per_image if name != WORST]
     if not attacks:
         raise ValueError("worst_case needs at least one attack")
+    if all(isinstance(per_image[name], torch.Tensor) for name in attacks):
+        return torch.stack([per_image[name] for name in attacks]).bool().all(0)
     eps_values = per_image[attacks[0]].keys()
     worst = {}
     for eps in eps_values:
         masks = [per_image[name][eps] for name in attacks]
-        worst[eps] = torch.stack(masks).all(0)
+        worst[eps] = torch.stack(masks).bool().all(0)
     return worst
 
 
@@ -358,17 +366,23 @@ def zero_gradient_share(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return zero / max(x.shape[0], 1)
 
 
-def masking_diagnostics(curves: Mapping[str, Mapping[float, float]], zero_grad_share: float) -> dict:
+def masking_diagnostics(
+    curves: Mapping[str, Mapping[float, float]], zero_grad_share: float, chance: float | None = None
+) -> dict:
     """Signs that the suite's gradients were masked, from accuracy curves (with "worst") and the zero-gradient share.
 
     Returns zero_grad_share; ce_blind (CE attacks, the paper's FGSM among them, see no gradient on more than
     CE_BLIND_SHARE of the images); square_gap (the most, over ε, that Square's accuracy lies below every gradient
-    attack's; None without Square) and its ε; max_eps and worst_at_max_eps; unreliable with the reasons: Square
-    stronger than every gradient attack by more than SQUARE_GAP, or a worst case above BREAK_ACCURACY at a radius
-    ≥ BREAK_EPS.
+    attack's; None without Square) and its ε; max_eps and worst_at_max_eps; clean (accuracy at ε = 0, if
+    measured), chance (a constant classifier's accuracy: the largest class share, if given) and chance_level
+    (clean ≤ CHANCE_FACTOR × chance: nothing to attack); unreliable with the reasons: Square stronger than every
+    gradient attack by more than SQUARE_GAP, or a worst case above BREAK_ACCURACY at a radius ≥ BREAK_EPS for a
+    model above chance level.
     """
     worst = curves[WORST]
     max_eps = max(worst)
+    clean = worst.get(0.0)
+    chance_level = chance is not None and clean is not None and clean <= CHANCE_FACTOR * chance
     gradient = [a for a in curves if a != WORST and a not in GRADIENT_FREE]
     square_gap, square_eps = None, None
     if "square" in curves and gradient:
@@ -384,7 +398,7 @@ def masking_diagnostics(curves: Mapping[str, Mapping[float, float]], zero_grad_s
             f"Square (gradient-free) beats every gradient attack by {100 * square_gap:.1f} points at "
             f"ε={square_eps:.4g}: gradients are masked"
         )
-    if max_eps >= BREAK_EPS and worst[max_eps] > BREAK_ACCURACY:
+    if max_eps >= BREAK_EPS and worst[max_eps] > BREAK_ACCURACY and not chance_level:
         reasons.append(
             f"worst-case accuracy {100 * worst[max_eps]:.1f} % at ε={max_eps:.4g}, where a working attack leaves "
             f"≤ {100 * BREAK_ACCURACY:.0f} %"
@@ -396,6 +410,9 @@ def masking_diagnostics(curves: Mapping[str, Mapping[float, float]], zero_grad_s
         "square_gap_eps": square_eps,
         "max_eps": max_eps,
         "worst_at_max_eps": worst[max_eps],
+        "clean": clean,
+        "chance": chance,
+        "chance_level": chance_level,
         "unreliable": bool(reasons),
         "reasons": reasons,
     }

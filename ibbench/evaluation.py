@@ -165,10 +165,12 @@ def robustness(
     eps_list: Sequence[float] = DEFAULT_EPS,
     attack: str = "fgsm",
     batch_size: int = 256,
+    pgd_steps: int = 10,
+    generator: torch.Generator | None = None,
 ) -> dict[float, float]:
-    """Accuracy (fraction in [0, 1]) per eps of encoder + decoder (noise off) on pixels x (N, ...)."""
+    """Accuracy (fraction in [0, 1]) per eps of encoder + decoder (noise off) on pixels x (N, ...) under one attack."""
     model = EncoderDecoder(encoder, decoder)
-    return robustness_curve(model, x, y, eps_list, attack=attack, batch_size=batch_size)
+    return robustness_curve(model, x, y, eps_list, attack, batch_size, pgd_steps, generator)
 
 
 def stratified_subset(y: torch.Tensor, size: int, seed: int) -> torch.Tensor:
@@ -211,6 +213,7 @@ def robustness_suite(
     deterministic model (noise off), where a saturated softmax blinds the cross-entropy attacks.
     """
     robustness, masking = {}, {}
+    chance = float(torch.bincount(y).max()) / max(y.shape[0], 1)  # a constant classifier's best accuracy
     for name, decoder in decoders.items():
         started = time.perf_counter()
         # A fresh noise generator per decoder: each decoder's EOT draws are reproducible on their own.
@@ -219,7 +222,7 @@ def robustness_suite(
         curves = accuracy_curves(attack_suite(model, x, y, eps_list, settings))
         zero = zero_gradient_share(EncoderDecoder(encoder, decoder), x, y, settings.batch_size)
         robustness[name] = curves
-        masking[name] = masking_diagnostics(curves, zero)
+        masking[name] = masking_diagnostics(curves, zero, chance)
         log.debug("attacks on %s took %.2f s", name, time.perf_counter() - started)
     return {"robustness": robustness, "masking": masking}
 

@@ -242,6 +242,7 @@ def test_worst_case_is_per_image_not_a_minimum_of_rates():
     assert worst[0.1].sum() == 0
     curves = accuracy_curves({**per_image, WORST: worst})
     assert curves["fgsm"][0.1] == curves["square"][0.1] == 0.5 and curves[WORST][0.1] == 0.0
+    assert not worst_case({"fgsm": first_half, "square": ~first_half}).any()  # one radius: masks directly
 
 
 def test_worst_case_is_never_above_any_attack(digits_model):
@@ -323,3 +324,15 @@ def test_masking_diagnostics_flag_a_stronger_black_box_attack():
     honest = {**curves, "square": {0.0: 0.9, 0.1: 0.75, 0.2: 0.03}, WORST: {0.0: 0.9, 0.1: 0.7, 0.2: 0.02}}
     assert not masking_diagnostics(honest, 0.0)["unreliable"]
     assert masking_diagnostics(honest, 0.2)["ce_blind"]
+
+
+def test_a_chance_level_model_is_not_called_masked():
+    # A collapsed model that predicts one class: attacks cannot flip that class's images (10 % of them).
+    flat = {0.0: 0.1, 0.1: 0.1, 0.2: 0.1}
+    curves = {"fgsm": flat, "apgd_dlr": flat, "square": flat, WORST: flat}
+    at_chance = masking_diagnostics(curves, 1.0, chance=0.1)
+    assert at_chance["chance_level"] and not at_chance["unreliable"] and at_chance["clean"] == 0.1
+    assert masking_diagnostics(curves, 1.0)["unreliable"]  # without the class shares it cannot tell
+    above = {0.0: 0.9, 0.1: 0.5, 0.2: 0.1}
+    masked = masking_diagnostics({"fgsm": above, "square": above, WORST: above}, 0.0, chance=0.1)
+    assert masked["unreliable"] and not masked["chance_level"]

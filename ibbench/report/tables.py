@@ -28,6 +28,7 @@ from ibbench.attacks import (
     BREAK_ACCURACY,
     BREAK_EPS,
     CE_BLIND_SHARE,
+    CHANCE_FACTOR,
     PAPER_ATTACK,
     SQUARE_GAP,
     WORST,
@@ -465,6 +466,7 @@ def _masking_rows(prep: PreparedRuns) -> list[dict]:
                     "worst_max": to_float(diag.get("worst_at_max_eps")),
                     "max_eps": to_float(diag.get("max_eps")),
                     "unreliable": bool(diag.get("unreliable")),
+                    "chance_level": bool(diag.get("chance_level")),
                     "reasons": list(diag.get("reasons") or []),
                     "run_id": run["run_id"],
                 }
@@ -479,13 +481,20 @@ def masking_table(runs: pd.DataFrame) -> Table:
     keys = [*prep.keys, "decoder"]
     values = ["zero_grad", "square_gap", "worst_max", "max_eps"]
     frame = _aggregate(rows, ["config", "decoder"], keys, values)
-    verdicts = {}
+    verdicts: dict[tuple, list[str]] = {}
+    chance: dict[tuple, list[str]] = {}
     for r in rows:
-        verdict = verdicts.setdefault((r["config"], r["decoder"]), [])
-        if r["unreliable"]:
-            verdict += [f"{r['run_id']}: {reason}" for reason in r["reasons"]]
+        group = (r["config"], r["decoder"])
+        verdicts.setdefault(group, []).extend(f"{r['run_id']}: {reason}" for reason in r["reasons"] if r["unreliable"])
+        chance.setdefault(group, []).extend([r["run_id"]] if r["chance_level"] else [])
     groups = list(dict.fromkeys((r["config"], r["decoder"]) for r in rows))
-    frame["verdict"] = ["unreliable" if verdicts[g] else "ok" for g in groups] if rows else pd.Series(dtype=object)
+
+    def verdict(group: tuple) -> str:
+        if verdicts[group]:
+            return "unreliable"
+        return f"chance level ({', '.join(chance[group])})" if chance[group] else "ok"
+
+    frame["verdict"] = [verdict(g) for g in groups] if rows else pd.Series(dtype=object)
     frame["reasons"] = ["; ".join(verdicts[g]) or None for g in groups] if rows else pd.Series(dtype=object)
     frame = _ordered(frame, keys) if not frame.empty else frame
     return Table(
@@ -506,7 +515,10 @@ def masking_table(runs: pd.DataFrame) -> Table:
             "attack's at some ε (positive: Square is stronger, a sign of masked gradients); and the worst-case "
             f"accuracy at the largest ε. Unreliable: a Square gap above {SQUARE_GAP:.2f}, or a worst case above "
             f"{100 * BREAK_ACCURACY:.0f} % at ε ≥ {BREAK_EPS:g}, where a working attack leaves a model not trained "
-            "adversarially near 0 %. Unreliable worst cases are listed but not ranked in the robustness table."
+            "adversarially near 0 %. Unreliable worst cases are listed but not ranked in the robustness table. "
+            f"Chance level (the runs named): clean accuracy at most {CHANCE_FACTOR:g}× a constant classifier's "
+            "(the largest class share), a collapsed model that ignores its input; no attack can flip the class it "
+            "always predicts, so its worst case stays near that share without any masking."
         ),
     )
 
