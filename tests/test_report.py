@@ -408,6 +408,6 @@ def test_figure_one_has_a_panel_per_decoder_family(suite_sweep):
     fig = report.figure_robustness(runs)
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == ["decoder gmm"]
-    assert "worst case" in fig._suptitle.get_text()
+    assert "worst case" in fig.get_suptitle()
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "CE, same decoder" in labels and "CE, own classifier" in labels and "unreliable (masked)" in labels

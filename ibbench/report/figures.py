@@ -181,8 +181,7 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
                 handles.append(Line2D([], [], **head_style, label=f"{label}, own classifier"))
     if unreliable:
         handles.append(Line2D([], [], color="0.5", marker="x", alpha=0.35, label="unreliable (masked)"))
-    fig.suptitle(f"Fig. 1: accuracy under the {ATTACK_LABELS.get(attack, attack)}" + (
-        " over the attack suite, per image" if attack == WORST else ""))  # fmt: skip
+    fig.suptitle(f"Fig. 1: {'per-image worst case over the attacks' if attack == WORST else ATTACK_LABELS[attack]}")
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
