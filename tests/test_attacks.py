@@ -256,6 +256,21 @@ def test_worst_case_is_never_above_any_attack(digits_model):
         robust_somewhere = torch.stack([per_image[a][e] for a in FAST.attacks])
         assert torch.equal(per_image[WORST][e], robust_somewhere.all(0))
     assert len({curves[a][0.0] for a in per_image}) == 1  # ε = 0: clean accuracy for every attack
+    for a in per_image:  # an example found at a small radius lies in every larger ball: monotone per image
+        assert not (per_image[a][0.1] & ~per_image[a][4 / 255]).any()
+
+
+def test_larger_radii_attack_only_the_images_still_standing():
+    model = Counting(linear_model())
+    x = torch.rand(64, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image clean-correct
+    model.calls = 0
+    settings = AttackSettings(attacks=("pgd_margin",), pgd_steps=2)
+    per_image = attack_suite(model, x, y, [0.5, 0.0, 0.05], settings)["pgd_margin"]
+    assert list(per_image) == [0.5, 0.0, 0.05]  # the caller's order
+    assert per_image[0.5].sum() < per_image[0.05].sum() <= 64
+    assert model.calls == 1 + 2 * (2 + 1)  # clean, then 2 steps and a prediction at each radius
 
 
 @pytest.mark.parametrize("steps", [1, 3])

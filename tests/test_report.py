@@ -343,7 +343,7 @@ SUITE_RUN = {
     "pgd_steps": 5,
     "apgd_steps": 10,
     "square_queries": 30,
-    "attack_images": 150,
+    "attack_images": 100,
 }
 
 
