@@ -489,10 +489,19 @@ def masking_table(runs: pd.DataFrame) -> Table:
         chance.setdefault(group, []).extend([r["run_id"]] if r["chance_level"] else [])
     groups = list(dict.fromkeys((r["config"], r["decoder"]) for r in rows))
 
+    zero: dict[tuple, float] = {}
+    for r in rows:  # the largest zero-gradient share among the group's seeds
+        if not math.isnan(r["zero_grad"]):
+            group = (r["config"], r["decoder"])
+            zero[group] = max(zero.get(group, 0.0), r["zero_grad"])
+
     def verdict(group: tuple) -> str:
         if verdicts[group]:
             return "unreliable"
-        return f"chance level ({', '.join(chance[group])})" if chance[group] else "ok"
+        text = f"chance level ({', '.join(chance[group])})" if chance[group] else "ok"
+        if zero.get(group, 0.0) > CE_BLIND_SHARE:  # the worst case is sound, but the paper's FGSM column is not
+            text += f"; CE attacks blind ({100 * zero[group]:.0f} % zero gradients)"
+        return text
 
     frame["verdict"] = [verdict(g) for g in groups] if rows else pd.Series(dtype=object)
     frame["reasons"] = ["; ".join(verdicts[g]) or None for g in groups] if rows else pd.Series(dtype=object)
