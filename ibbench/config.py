@@ -13,7 +13,7 @@ import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ __all__ = [
 PAPER_FGSM_EPS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("off", "bf16")
+# The default attack suite: the paper's FGSM, margin FGSM/PGD, and AutoAttack's APGD-CE, APGD-DLR and Square.
+ATTACK_SUITE = ("fgsm", "fgsm_margin", "pgd_margin", "apgd_ce", "apgd_dlr", "square")
 # Fields that say where a run executes, not what it computes: two machines running the same experiment must
 # share one run directory, so these stay out of the run's identity (results.run_id).
 PLACEMENT_FIELDS = ("data_dir", "download", "device")
@@ -75,7 +77,19 @@ class RunConfig:
     probe_width: int = 1024  # width of the ResFC fitted on test latents for H[Y|Z]; the paper's 1024
     eval_every: int = 5  # epochs between evaluations (decoders, information plane): they cost ~an epoch
     fgsm_eps: tuple[float, ...] = PAPER_FGSM_EPS  # L∞ radii in [0, 1] pixel units for the final robustness curve
-    pgd_steps: int = 0  # > 0 also runs PGD with this many steps at the same radii
+    # The attack suite (ibbench.attacks): every radius of fgsm_eps is attacked by each of these; the report ranks
+    # by the per-image worst case over them. fgsm is the paper's (cross-entropy); the margin/DLR attacks see
+    # through a saturated softmax and Square through any gradient masking.
+    attacks: tuple[str, ...] = ATTACK_SUITE  # attack names (ibbench.attacks.ATTACKS), the suite described above
+    pgd_steps: int = 20  # gradient steps of each PGD restart (pgd, pgd_margin)
+    pgd_restarts: int = 1  # PGD restarts from random points; an image counts as broken if any restart breaks it
+    pgd_step_size: float = 2.5  # PGD step α = pgd_step_size · ε / pgd_steps (Madry et al.'s 2.5: can cross the ball)
+    apgd_steps: int = 100  # APGD-CE / APGD-DLR iterations, AutoAttack's standard 100
+    apgd_restarts: int = 1  # APGD restarts, AutoAttack's standard version uses 1
+    square_queries: int = 1000  # Square's query budget per image and radius (the black-box check of the gradients)
+    attack_images: int = 1000  # size of the fixed class-stratified test subset attacked (all of digits' 450)
+    attack_seed: int = 0  # seeds the attacked subset, random starts and Square's search, apart from training
+    eot_draws: int = 0  # 0: attack the deterministic model (noise off); N: average N latent-noise draws (EOT)
     amp: str = "off"  # "bf16": autocast the encoder on GPU (the estimator stays float32)
     tf32: bool = False  # TF32 for float32 matmuls/convolutions on Ampere+ GPUs; off: IEEE float32, as the paper ran
     channels_last: bool = False  # NHWC memory format for conv encoders on GPU
@@ -157,9 +171,10 @@ class RunConfig:
         for name, value in positive.items():
             if value < 1:
                 fail(name, f"{value} is not a positive integer", "an integer ≥ 1")
-        for name, value in {"lr_patience": self.lr_patience, "pgd_steps": self.pgd_steps}.items():
+        for name, value in {"lr_patience": self.lr_patience, "attack_seed": self.attack_seed}.items():
             if value < 0:
                 fail(name, f"{value} is negative", "an integer ≥ 0")
+        self._validate_attacks(fail)
         if not (math.isfinite(self.lr) and self.lr > 0):
             fail("lr", f"{self.lr} is not a positive learning rate", "a number > 0")
         if not (0.0 <= self.dropconnect < 1.0):
@@ -196,6 +211,36 @@ class RunConfig:
         from ibbench.objectives import OBJECTIVES
 
         return self.k if OBJECTIVES.get(self.objective).knn_batches else 0
+
+    def _validate_attacks(self, fail: Callable[..., typing.NoReturn]) -> None:
+        """The attack fields: known names, positive budgets, a loss the dataset's classes allow."""
+        from ibbench.attacks import ATTACKS
+        DATASETS = _registries()[0]
+
+        if not self.attacks:
+            fail("attacks", "at least one attack is needed", ", ".join(ATTACKS))
+        for name in self.attacks:
+            if name not in ATTACKS:
+                fail("attacks", f"unknown attack {name!r}", ", ".join(ATTACKS))
+        if len(set(self.attacks)) != len(self.attacks):
+            fail("attacks", f"{list(self.attacks)} lists an attack twice")
+        counts = {
+            "pgd_steps": self.pgd_steps,
+            "pgd_restarts": self.pgd_restarts,
+            "apgd_steps": self.apgd_steps,
+            "apgd_restarts": self.apgd_restarts,
+            "square_queries": self.square_queries,
+            "attack_images": self.attack_images,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                fail(name, f"{value} is not a positive integer", "an integer ≥ 1")
+        if self.eot_draws < 0:
+            fail("eot_draws", f"{self.eot_draws} is negative", "0 (noise off during attacks) or draws ≥ 1 (EOT)")
+        if not (math.isfinite(self.pgd_step_size) and self.pgd_step_size > 0):
+            fail("pgd_step_size", f"{self.pgd_step_size} is not a positive step", "a number > 0 (times ε/pgd_steps)")
+        if "apgd_dlr" in self.attacks and self.dataset in DATASETS and DATASETS.get(self.dataset).num_classes < 3:
+            fail("attacks", "apgd_dlr's DLR loss needs at least 3 classes", "the other attacks")
 
 
 @functools.cache

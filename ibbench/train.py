@@ -23,11 +23,20 @@ import torch
 from torch import nn
 
 from ibbench import results
+from ibbench.attacks import AttackSettings
 from ibbench.config import ConfigError, RunConfig
 from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset
 from ibbench.errors import TrainingFailed
 from ibbench.estimators import add_zero_entropy_noise, conditional_knn_entropy, knn_entropy
-from ibbench.evaluation import decoder_accuracy, encode, fit_decoders, information_plane, robustness
+from ibbench.evaluation import (
+    attack_settings_record,
+    decoder_accuracy,
+    encode,
+    fit_decoders,
+    information_plane,
+    robustness_suite,
+    stratified_subset,
+)
 from ibbench.metrics import HEAD
 from ibbench.models import make_encoder
 from ibbench.objectives import Objective, ObjectiveSettings, make_objective
@@ -38,6 +47,10 @@ Reporter = Callable[[dict[str, Any]], None]
 
 LR_FACTOR = math.sqrt(0.1)  # the paper multiplies the LR by √0.1 on a plateau
 CHECKPOINT_KEYS = ("epoch", "encoder", "objective", "optimizer", "scheduler", "loader_rng", "rng")
+# Decoders that model p(z|y) are fitted on latents with the noise the encoder was trained with (the paper's
+# model of Z|Y, its appendix A.2): on noise-free compressed latents their class log-likelihoods differ by
+# hundreds of nats, the float32 softmax saturates and the cross-entropy's input gradient vanishes.
+NOISY_FIT_DECODERS = ("gmm",)
 
 
 class LatentEncoder(nn.Module):
@@ -244,7 +257,16 @@ def _evaluate(cfg: RunConfig, model: _Model, data: _Splits) -> tuple[dict[str, f
     # makes H[Z] ≥ 0 and I[X;Z] = H[Z] meaningful (runs trained without noise are measured the same way).
     z_train = encode(model.latent, data.train_x)
     z_test = encode(model.latent, data.test_x)
-    decoders: dict[str, nn.Module] = dict(fit_decoders(cfg.decoders, z_train, data.train_y, data.num_classes))
+    noisy_fit = [d for d in cfg.decoders if cfg.noise and d in NOISY_FIT_DECODERS]
+    decoders: dict[str, nn.Module] = {}
+    if noisy_fit:
+        # A generator of its own, so this draw leaves the training RNG (and a resumed run's) as it was.
+        generator = torch.Generator(device=z_train.device).manual_seed(cfg.seed)
+        z_noisy_train = add_zero_entropy_noise(z_train, generator=generator)
+        decoders.update(fit_decoders(noisy_fit, z_noisy_train, data.train_y, data.num_classes))
+    plain = [d for d in cfg.decoders if d not in noisy_fit]
+    decoders.update(fit_decoders(plain, z_train, data.train_y, data.num_classes))
+    decoders = {name: decoders[name] for name in cfg.decoders}  # in the configured order
     if model.objective.has_head:
         decoders[HEAD] = _HeadDecoder(model.objective)
     y_test, y_train = data.test_y, data.train_y
@@ -273,17 +295,55 @@ class _HeadDecoder(nn.Module):
         return self.objective.logits(z)
 
 
+def decoder_fits(cfg: RunConfig, decoders: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Which latents each decoder was fitted on, as summary.json records it (accuracy is always noise-free test)."""
+    fits = {}
+    for name in decoders:
+        if name == HEAD:
+            fits[name] = "the objective's own head, trained with the encoder"
+        elif cfg.noise and name in NOISY_FIT_DECODERS:
+            fits[name] = "train latents with the zero-entropy noise the encoder was trained with"
+        else:
+            fits[name] = "noise-free train latents"
+    return fits
+
+
+def attack_settings(cfg: RunConfig) -> AttackSettings:
+    """The run's attack suite and budgets."""
+    return AttackSettings(
+        attacks=cfg.attacks,
+        pgd_steps=cfg.pgd_steps,
+        pgd_restarts=cfg.pgd_restarts,
+        pgd_step_size=cfg.pgd_step_size,
+        apgd_steps=cfg.apgd_steps,
+        apgd_restarts=cfg.apgd_restarts,
+        square_queries=cfg.square_queries,
+        seed=cfg.attack_seed,
+    )
+
+
 def _robustness(cfg: RunConfig, model: _Model, decoders: Mapping[str, nn.Module], data: _Splits) -> dict:
-    """{decoder: {attack: {eps: accuracy}}} on the test set, noise off, ε in [0, 1] pixel units."""
-    attacks = ["fgsm"] + (["pgd"] if cfg.pgd_steps > 0 else [])
-    x, y = data.test_x, data.test_y
-    curves: dict[str, dict[str, dict[str, float]]] = {}
-    for name, decoder in decoders.items():
-        curves[name] = {}
-        for attack in attacks:
-            curve = robustness(model.latent, decoder, x, y, cfg.fgsm_eps, attack=attack)
-            curves[name][attack] = {_eps_key(eps): acc for eps, acc in curve.items()}
-    return curves
+    """summary.json's robustness block: {decoder: {attack: {eps: accuracy}}} with "worst", masking, settings.
+
+    On a fixed class-stratified subset of the test set, model in eval mode, ε in [0, 1] pixel units; the latent
+    noise off unless cfg.eot_draws > 0.
+    """
+    index = stratified_subset(data.test_y, cfg.attack_images, cfg.attack_seed)
+    x, y = data.test_x[index], data.test_y[index]
+    settings = attack_settings(cfg)
+    started = time.perf_counter()
+    suite = robustness_suite(model.latent, decoders, x, y, cfg.fgsm_eps, settings, cfg.eot_draws)
+    curves = {
+        name: {attack: {_eps_key(eps): acc for eps, acc in curve.items()} for attack, curve in per_attack.items()}
+        for name, per_attack in suite["robustness"].items()
+    }
+    return {
+        "robustness": curves,
+        "masking": suite["masking"],
+        "attack_settings": attack_settings_record(settings, cfg.eot_draws, len(index), len(data.test_y)),
+        "decoder_fit": decoder_fits(cfg, decoders),
+        "attack_time": time.perf_counter() - started,
+    }
 
 
 def make_loader(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLoader:
@@ -527,7 +587,7 @@ def _train(
         "config": cfg.to_dict(),
         "epochs_done": cfg.epochs,
         "final": last_metrics,
-        "robustness": curves,
+        **curves,
         "wall_time": wall_before + time.perf_counter() - t0,
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -66,3 +66,12 @@ def test_bench_gpu_epoch_tiny_on_cpu_prints_a_consistent_ratio(tmp_path):
     (ratio,) = re.findall(rf"^ratio plain/fast epoch: {NUMBER}x", out, re.M)
     assert float(ratio) == pytest.approx(seconds["plain"] / seconds["fast"], abs=0.01)
     assert "not meaningful on cpu" in out and math.isfinite(float(ratio))
+
+
+@pytest.mark.slow
+def test_bench_attacks_quick_prints_shares():
+    out = run_script("bench_attacks.py", "--quick", timeout=300)
+    lines = [line for line in out.splitlines() if line.startswith("share attacking")]
+    assert sum("quickstart" in line for line in lines) == 2, out
+    assert sum("resnet18" in line for line in lines) == 4, out  # ib and ce, measured and bound
+    assert all("target ≤ 30 %" in line for line in lines)

@@ -29,6 +29,15 @@ def test_defaults_are_the_papers_recipe():
     cfg.validate()  # the defaults are a valid run
 
 
+def test_attack_settings_have_strong_defaults():
+    cfg = RunConfig()
+    assert cfg.attacks[0] == "fgsm"  # the paper's, kept for reproduction
+    assert {"fgsm_margin", "pgd_margin", "apgd_ce", "apgd_dlr", "square"} <= set(cfg.attacks)
+    assert cfg.pgd_steps >= 10 and cfg.apgd_steps == 100 and cfg.square_queries >= 1000
+    assert cfg.attack_images == 1000 and cfg.eot_draws == 0
+    assert RunConfig.from_dict({"pgd_steps": 3}).pgd_steps == 3
+
+
 def test_design_fields_exist():
     for name in (
         "dataset data_dir encoder latent_dim objective beta noise k decoders epochs batch_size lr "
@@ -125,6 +134,17 @@ BAD = {
     "negative_lr": ("lr: -0.001\n", "lr", ["> 0"]),
     "eps_above_one": ("fgsm_eps: [0.0, 8]\n", "fgsm_eps", ["[0, 1]"]),
     "eps_negative": ("fgsm_eps: [-0.1]\n", "fgsm_eps", ["[0, 1]"]),
+    "unknown_attack": ("attacks: [fgsm, cw]\n", "attacks", ["'cw'", "apgd_dlr", "square"]),
+    "no_attacks": ("attacks: []\n", "attacks", ["fgsm"]),
+    "duplicate_attack": ("attacks: [fgsm, fgsm]\n", "attacks", ["twice"]),
+    "pgd_steps_zero": ("pgd_steps: 0\n", "pgd_steps", ["≥ 1"]),
+    "pgd_restarts_zero": ("pgd_restarts: 0\n", "pgd_restarts", ["≥ 1"]),
+    "pgd_step_size_zero": ("pgd_step_size: 0\n", "pgd_step_size", ["> 0"]),
+    "apgd_steps_zero": ("apgd_steps: 0\n", "apgd_steps", ["≥ 1"]),
+    "square_queries_zero": ("square_queries: 0\n", "square_queries", ["≥ 1"]),
+    "attack_images_zero": ("attack_images: 0\n", "attack_images", ["≥ 1"]),
+    "attack_seed_negative": ("attack_seed: -1\n", "attack_seed", ["≥ 0"]),
+    "eot_negative": ("eot_draws: -2\n", "eot_draws", ["EOT"]),
     "unknown_device": ("device: tpu\n", "device", ["'tpu'", "auto, cpu, cuda"]),
     "dropconnect_one": ("dropconnect: 1.0\n", "dropconnect", ["[0, 1)"]),
     "negative_seed": ("seed: -1\n", "seed", ["≥ 0"]),
