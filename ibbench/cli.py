@@ -412,7 +412,7 @@ def _status_command(args: argparse.Namespace) -> int:
     for sweep_name, frame in runs.groupby("sweep", sort=True):
         sweep_folder = Path(frame["path"].iloc[0]).parent
         spec = load_sweep(sweep_folder / SPEC_FILE) if (sweep_folder / SPEC_FILE).exists() else None
-        metric, mode = sweep_metric(spec) if spec is not None else ("test_acc/gmm", "max")
+        metric, mode = sweep_metric(spec) if spec is not None else ("val_acc/gmm", "max")
         console.print(f"[bold]{sweep_name}[/bold]: {len(frame)} runs — {_counts(frame['status'])}")
         if metric in frame:
             ranked = frame[frame[metric].notna()].sort_values(metric, ascending=(mode == "min")).head(args.top)

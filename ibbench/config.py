@@ -75,6 +75,8 @@ class RunConfig:
     augment: bool = True  # pad-4 crop + flip on 32×32 images (ignored for other sizes), the CIFAR standard
     seed: int = 0  # seeds torch, numpy, Python, the loader and any data split
     probe_width: int = 1024  # width of the ResFC fitted on test latents for H[Y|Z]; the paper's 1024
+    probe_folds: int = 5  # H[Y|Z] is cross-fitted: K probes, each scored on the fold of test latents it did not see
+    val_fraction: float = 0.1  # of the training split, held out (stratified, fixed per dataset) for all selection
     eval_every: int = 5  # epochs between evaluations (decoders, information plane): they cost ~an epoch
     fgsm_eps: tuple[float, ...] = PAPER_FGSM_EPS  # L∞ radii in [0, 1] pixel units for the final robustness curve
     # The attack suite (ibbench.attacks): every radius of fgsm_eps is attacked by each of these; the report ranks
@@ -179,6 +181,10 @@ class RunConfig:
             fail("lr", f"{self.lr} is not a positive learning rate", "a number > 0")
         if not (0.0 <= self.dropconnect < 1.0):
             fail("dropconnect", f"{self.dropconnect} is outside [0, 1)", "0 ≤ dropconnect < 1")
+        if not 0.0 < self.val_fraction <= 0.5:
+            fail("val_fraction", f"{self.val_fraction} is outside (0, 0.5]", "a fraction, e.g. 0.1")
+        if self.probe_folds < 2:
+            fail("probe_folds", f"{self.probe_folds} folds cannot cross-fit", "an integer ≥ 2")
         if not self.nlib_noise_var > 0:
             fail("nlib_noise_var", f"{self.nlib_noise_var} is not a positive variance", "a number > 0")
         if self.seed < 0:
@@ -413,7 +419,7 @@ class SearchSpec:
     """An Optuna search through Ray Tune instead of a grid."""
 
     space: tuple[tuple[str, str, tuple[Any, ...]], ...]  # (field, domain, arguments), e.g. ("beta", "uniform", (0, 1))
-    metric: str = "test_acc/gmm"  # a metrics.jsonl key the search optimises (last eval epoch)
+    metric: str = "val_acc/gmm"  # a validation metric the search optimises (last eval epoch); never a test one
     mode: str = "max"  # max or min
     num_samples: int = 16  # trials in the study in all: re-running the sweep tops the study up to this
     algorithm: str = "optuna"  # TPE sampling, study kept in <out>/<sweep>/optuna.db
@@ -494,7 +500,7 @@ def _parse_search(source: str, raw: Any) -> SearchSpec:
     scheduler = values.get("scheduler", "none") or "none"
     if scheduler not in SCHEDULERS:
         raise ConfigError(source, "search.scheduler", f"unknown scheduler {scheduler!r}", ", ".join(SCHEDULERS))
-    metric = values.get("metric", "test_acc/gmm")
+    metric = values.get("metric", "val_acc/gmm")
     if not isinstance(metric, str) or not metric:
         raise ConfigError(source, "search.metric", f"{metric!r} is not a metric name", "a metrics.jsonl key")
     space_raw = values.get("space")
@@ -624,7 +630,7 @@ def load_sweep(
 
 def _check_metric(spec: SweepSpec) -> None:
     """search.metric must be a metric every trial reports (a typo would train a trial, then fail the search)."""
-    from ibbench.metrics import reported_metrics
+    from ibbench.metrics import SELECTABLE_PREFIXES, reported_metrics
 
     space = {key: args for key, kind, args in spec.search.space if kind == "choice"}
     base = {k: plain(v) for k, v in spec.base}
@@ -635,9 +641,13 @@ def _check_metric(spec: SweepSpec) -> None:
         for decoders in decoder_lists:
             names = set(reported_metrics(objective, plain(decoders)))
             known = names if known is None else known & names
+    allowed = ", ".join(sorted(m for m in known if m.startswith(SELECTABLE_PREFIXES)))
+    if spec.search.metric in known and not spec.search.metric.startswith(SELECTABLE_PREFIXES):
+        raise ConfigError(spec.source, "search.metric", f"{spec.search.metric!r} is measured on the test set, which "
+                          "no search may select on (use the validation split's)", allowed)  # fmt: skip
     if spec.search.metric not in known:
         raise ConfigError(spec.source, "search.metric", f"{spec.search.metric!r} is not a metric the runs report",
-                          ", ".join(sorted(known)))  # fmt: skip
+                          allowed)  # fmt: skip
 
 
 # -- expansion ---------------------------------------------------------------------------------------------------

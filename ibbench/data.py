@@ -25,6 +25,9 @@ CIFAR10_FILES = tuple(f"data_batch_{i}" for i in range(1, 6)) + ("test_batch", "
 # A quarter of digits is ~450 test images, ~45 per class: enough for a per-class k-NN entropy with k up to
 # ~40 and a 0.2 % accuracy resolution, while 1347 images stay for training.
 DIGITS_TEST_FRACTION = 0.25
+# Data splits are fixed per dataset, drawn with this seed, never the run's: all seeds of a configuration see the
+# same training, validation and test sets, so seeds vary the model only.
+SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -41,16 +44,24 @@ class DatasetInfo:
 
 @dataclass(frozen=True, eq=False)
 class Dataset:
-    """Both splits as tensors: x (N, C, H, W) float32 in [0, 1], y (N,) int64 in [0, num_classes)."""
+    """The splits as tensors: x (N, C, H, W) float32 in [0, 1], y (N,) int64 in [0, num_classes).
+
+    val_x/val_y, when present, were carved out of the training split (with_validation): what runs select on.
+    """
 
     train_x: Tensor
     train_y: Tensor
     test_x: Tensor
     test_y: Tensor
     info: DatasetInfo
+    val_x: Tensor | None = None
+    val_y: Tensor | None = None
 
     def __post_init__(self) -> None:
-        for split, x, y in (("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)):
+        splits = [("train", self.train_x, self.train_y), ("test", self.test_x, self.test_y)]
+        if self.val_x is not None or self.val_y is not None:
+            splits.append(("val", self.val_x, self.val_y))
+        for split, x, y in splits:
             if tuple(x.shape[1:]) != self.info.input_shape or x.dtype != torch.float32:
                 raise ValueError(f"{split}_x is {x.dtype} {tuple(x.shape)}, not float32 (N, *{self.info.input_shape})")
             if y.shape != (x.shape[0],) or y.dtype != torch.int64:
@@ -79,7 +90,7 @@ DATASETS: Registry[DatasetLoader] = Registry("dataset")
 
 
 def load_dataset(name: str, data_dir: str | Path | None = None, download: bool = False, seed: int = 0) -> Dataset:
-    """Dataset `name`; seed fixes any random split or generation (cifar10 has a fixed split)."""
+    """Dataset `name` with its fixed splits (independent of seed, kept for the loaders' signature)."""
     dataset = DATASETS.get(name)(data_dir, download, seed)
     logger.info(
         "dataset %s: %d train, %d test, shape %s, %d classes",
@@ -167,8 +178,8 @@ def load_cifar10(data_dir: str | Path | None, download: bool, seed: int) -> Data
 @DATASETS.register("digits")
 @_classes(10)
 def load_digits(data_dir: str | Path | None, download: bool, seed: int) -> Dataset:
-    """scikit-learn's bundled digits: 1797 images 1x8x8, 0..16 scaled to [0, 1]; stratified split by seed."""
-    del data_dir, download  # bundled with scikit-learn
+    """scikit-learn's bundled digits: 1797 images 1x8x8, 0..16 scaled to [0, 1]; a fixed stratified split."""
+    del data_dir, download, seed  # bundled with scikit-learn; the split does not depend on the run's seed
     # Imported here: scikit-learn costs a second or two to import and only this loader needs it.
     from sklearn.datasets import load_digits as sk_load_digits
     from sklearn.model_selection import train_test_split
@@ -177,7 +188,7 @@ def load_digits(data_dir: str | Path | None, download: bool, seed: int) -> Datas
     x = torch.tensor(bunch.data, dtype=torch.float32).div_(16.0).reshape(-1, 1, 8, 8)
     y = torch.tensor(bunch.target, dtype=torch.int64)
     train_idx, test_idx = train_test_split(
-        list(range(len(y))), test_size=DIGITS_TEST_FRACTION, stratify=bunch.target, random_state=seed
+        list(range(len(y))), test_size=DIGITS_TEST_FRACTION, stratify=bunch.target, random_state=SPLIT_SEED
     )
     train_idx, test_idx = torch.tensor(train_idx), torch.tensor(test_idx)
     classes = [str(c) for c in range(10)]
@@ -214,8 +225,30 @@ def make_synthetic(
 @_classes(10)
 def load_synthetic(data_dir: str | Path | None, download: bool, seed: int) -> Dataset:
     """make_synthetic's defaults (10 classes, 3x32x32, 500 train / 200 test): small enough for CPU tests."""
-    del data_dir, download  # generated in memory
-    return make_synthetic(seed=seed)
+    del data_dir, download, seed  # generated in memory, the same data for every run seed
+    return make_synthetic(seed=SPLIT_SEED)
+
+
+def with_validation(data: Dataset, fraction: float) -> Dataset:
+    """data with a class-stratified `fraction` of its training split moved to val_x/val_y.
+
+    Fixed per dataset (drawn with SPLIT_SEED, never the run's seed): every run of a dataset, whatever its seed, has
+    the same validation set, disjoint from train and test. Each class keeps round(fraction · its count) images, at
+    least one and never all.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"the validation fraction must lie in (0, 1), got {fraction}")
+    generator = torch.Generator().manual_seed(SPLIT_SEED)
+    held = []
+    for c in torch.unique(data.train_y):
+        members = torch.nonzero(data.train_y == c).squeeze(1)
+        count = min(max(1, round(fraction * len(members))), len(members) - 1)
+        held.append(members[torch.randperm(len(members), generator=generator)[:count]])
+    val = torch.sort(torch.cat(held)).values
+    keep = torch.ones(len(data.train_y), dtype=torch.bool)
+    keep[val] = False
+    return Dataset(data.train_x[keep], data.train_y[keep], data.test_x, data.test_y, data.info,
+                   data.train_x[val], data.train_y[val])  # fmt: skip
 
 
 def augment_cifar(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
@@ -316,8 +349,12 @@ class DeviceLoader:
         self.k = k
         self.augment = augment
         self.channels_last = channels_last
-        # The state of this (CPU) generator is the loader's whole randomness: save it to resume mid-run.
+        # The training stream: batch order from a CPU generator (indices are drawn once an epoch), augmentation
+        # (and the objective's noise, drawn by train.py) from one on the device, so that no step copies random
+        # numbers from the host. Their states are the loader's whole randomness: save both to resume mid-run.
         self.generator = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(seed)
+        kind = target if target.type in ("cpu", "cuda") else torch.device("cpu")  # no generators on `meta`
+        self.device_generator = torch.Generator(device=kind).manual_seed(self.generator.initial_seed() + 1)
 
     def __len__(self) -> int:
         """Batches per epoch: N // batch_size (the remainder is left out, a different one each epoch)."""
@@ -334,7 +371,7 @@ class DeviceLoader:
         for idx in self._epoch_indices():
             xb, yb = self.x[idx], self.y[idx]
             if self.augment is not None:
-                xb = self.augment(xb, self.generator)
+                xb = self.augment(xb, self.device_generator)
             if self.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             yield xb, yb

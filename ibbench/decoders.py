@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 DECODERS: Registry = Registry("decoder")
 
 GMM_COVARIANCES = ("full", "tied", "diag")
+Validation = tuple[torch.Tensor, torch.Tensor]  # held-out (latents (M, d), labels (M,)) for early stopping
 
 
 class Decoder(nn.Module, ABC):
@@ -48,8 +49,11 @@ class Decoder(nn.Module, ABC):
         self._is_fitted = bool(self.fitted)  # one read when loading, not one per forward
 
     @abstractmethod
-    def fit(self, z: torch.Tensor, y: torch.Tensor) -> Decoder:
-        """Fit on latents z (N, latent_dim) float and labels y (N,) int64; returns self in eval mode."""
+    def fit(self, z: torch.Tensor, y: torch.Tensor, validation: Validation | None = None) -> Decoder:
+        """Fit on latents z (N, latent_dim) float and labels y (N,) int64; returns self in eval mode.
+
+        validation: held-out (z, y) for early stopping, where a decoder stops early (resfc); others ignore it.
+        """
 
     @abstractmethod
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -112,7 +116,7 @@ class GMMDecoder(Decoder):
         # log p̂(c) − ½ log det Σ_c − (d/2) log 2π, per class
         self.register_buffer("offsets", torch.zeros(c))
 
-    def fit(self, z: torch.Tensor, y: torch.Tensor) -> GMMDecoder:
+    def fit(self, z: torch.Tensor, y: torch.Tensor, validation: Validation | None = None) -> GMMDecoder:
         """Estimate class priors, means and covariances from z (N, d), y (N,); returns self in eval mode."""
         self._check_fit_inputs(z, y)
         y = y.long()
@@ -210,7 +214,7 @@ class LogRegDecoder(Decoder):
         self.register_buffer("scale", torch.ones(latent_dim))
         self.linear = nn.Linear(latent_dim, num_classes)
 
-    def fit(self, z: torch.Tensor, y: torch.Tensor) -> LogRegDecoder:
+    def fit(self, z: torch.Tensor, y: torch.Tensor, validation: Validation | None = None) -> LogRegDecoder:
         """Minimise mean cross-entropy (nats) + (l2/2)‖W‖² on z (N, d), y (N,); returns self in eval mode."""
         self._check_fit_inputs(z, y)
         self.to(z.device)
@@ -339,8 +343,12 @@ class ResFCDecoder(Decoder):
             )
         return total / z.shape[0]
 
-    def fit(self, z: torch.Tensor, y: torch.Tensor) -> ResFCDecoder:
-        """Train from scratch on z (N, d), y (N,) with early stopping; returns self in eval mode."""
+    def fit(self, z: torch.Tensor, y: torch.Tensor, validation: Validation | None = None) -> ResFCDecoder:
+        """Train from scratch on z (N, d), y (N,) with early stopping; returns self in eval mode.
+
+        Early stopping on `validation` (z_val, y_val) when given (a run's validation split), else on a held-out
+        val_fraction of z.
+        """
         self._check_fit_inputs(z, y)
         self.to(z.device)
         self._reset()
@@ -351,12 +359,18 @@ class ResFCDecoder(Decoder):
         self.scale.fill_(max(float(z.std(0, unbiased=False).mean()), 1e-12))
         z = (z - self.mean) / self.scale
         n = z.shape[0]
-        n_val = int(round(self.val_fraction * n))
-        if n - n_val < 2:
-            n_val = 0  # too few samples to hold any out; train for max_epochs instead
-        order = torch.randperm(n).to(z.device)
-        z_val, y_val = z[order[:n_val]], y[order[:n_val]]
-        z_fit, y_fit = z[order[n_val:]], y[order[n_val:]]
+        if validation is not None:
+            z_val = (validation[0].detach().float().to(z.device) - self.mean) / self.scale
+            y_val = validation[1].long().to(z.device)
+            n_val = len(y_val)
+            z_fit, y_fit = z, y
+        else:
+            n_val = int(round(self.val_fraction * n))
+            if n - n_val < 2:
+                n_val = 0  # too few samples to hold any out; train for max_epochs instead
+            order = torch.randperm(n).to(z.device)
+            z_val, y_val = z[order[:n_val]], y[order[:n_val]]
+            z_fit, y_fit = z[order[n_val:]], y[order[n_val:]]
         n_fit = z_fit.shape[0]
         optimiser = torch.optim.Adam(self.parameters(), lr=self.lr)
         best_loss, best_state, best_epoch, epoch = math.inf, None, 0, 0
@@ -400,6 +414,8 @@ def make_decoder(name: str, latent_dim: int, num_classes: int) -> Decoder:
     return DECODERS.get(name)(latent_dim, num_classes)
 
 
-def fit_decoder(name: str, z: torch.Tensor, y: torch.Tensor, num_classes: int) -> Decoder:
+def fit_decoder(
+    name: str, z: torch.Tensor, y: torch.Tensor, num_classes: int, validation: Validation | None = None
+) -> Decoder:
     """Decoder `name` fitted on latents z (N, d) and labels y (N,), on z's device, in eval mode."""
-    return make_decoder(name, z.shape[1], num_classes).fit(z, y)
+    return make_decoder(name, z.shape[1], num_classes).fit(z, y, validation)

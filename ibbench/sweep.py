@@ -68,11 +68,12 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
 
 
 def sweep_metric(spec: SweepSpec) -> tuple[str, str]:
-    """The (metric, mode) a sweep ranks runs by: the search's, else test accuracy of the first decoder."""
+    """The (metric, mode) a sweep ranks runs by: the search's, else the first decoder's validation accuracy (a
+    ranking is a selection: never by a test metric)."""
     if spec.search is not None:
         return spec.search.metric, spec.search.mode
     decoders = dict(spec.grid).get(DECODER_AXIS) or dict(spec.base).get("decoders") or RunConfig.decoders
-    return f"test_acc/{plain(decoders)[0]}", "max"
+    return f"val_acc/{plain(decoders)[0]}", "max"
 
 
 # -- planning ----------------------------------------------------------------------------------------------------

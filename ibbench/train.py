@@ -25,7 +25,7 @@ from torch import nn
 from ibbench import results
 from ibbench.attacks import AttackSettings
 from ibbench.config import ConfigError, RunConfig
-from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset
+from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset, with_validation
 from ibbench.errors import TrainingFailed
 from ibbench.estimators import add_zero_entropy_noise, conditional_knn_entropy, knn_entropy
 from ibbench.evaluation import (
@@ -46,7 +46,7 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any]], None]
 
 LR_FACTOR = math.sqrt(0.1)  # the paper multiplies the LR by √0.1 on a plateau
-CHECKPOINT_KEYS = ("epoch", "encoder", "objective", "optimizer", "scheduler", "loader_rng", "rng")
+CHECKPOINT_KEYS = ("epoch", "encoder", "objective", "optimizer", "scheduler", "loader_rng", "loader_device_rng", "rng")
 # Decoders that model p(z|y) are fitted on latents with the noise the encoder was trained with (the paper's
 # model of Z|Y, its appendix A.2): on noise-free compressed latents their class log-likelihoods differ by
 # hundreds of nats, the float32 softmax saturates and the cross-entropy's input gradient vanishes.
@@ -201,8 +201,11 @@ def _train_epoch(
     optimizer: torch.optim.Optimizer,
     device: torch.device,
     epoch: int,
+    generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss.
+
+    generator: the training stream's device generator for the objective's noise (the loader's own by default).
 
     Nothing in a step waits for the device: whether the latents and the loss were finite is kept on the device per
     step and read once, at the end of the epoch (a diverged step poisons the weights, so the rest of the epoch is
@@ -211,6 +214,8 @@ def _train_epoch(
     """
     model.encoder.train()
     model.objective.train()
+    if generator is None:
+        generator = getattr(loader, "device_generator", None)
     use_amp = cfg.amp == "bf16" and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
     health: list[torch.Tensor] = []  # per step: (latents finite, loss finite, loss)
@@ -219,7 +224,7 @@ def _train_epoch(
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
             h = model.encoder(xb)
         h = h.float()  # the estimator and the loss stay in float32
-        terms = model.objective(h, yb)  # the objective draws its latent (and any noise) from h
+        terms = model.objective(h, yb, generator)  # the objective draws its latent (and any noise) from h
         loss = terms["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -241,46 +246,80 @@ def _train_epoch(
 
 @dataclass(frozen=True)
 class _Splits:
-    """Both splits on the training device, moved there once per run (CIFAR-10's train split is 600 MB)."""
+    """The splits on the training device, moved there once per run (CIFAR-10's train split is 600 MB); val is
+    carved from the training data (data.with_validation) and is what a run selects on."""
 
     train_x: torch.Tensor
     train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     num_classes: int
 
 
-def _evaluate(cfg: RunConfig, model: _Model, data: _Splits) -> tuple[dict[str, float], dict[str, nn.Module]]:
-    """Metrics of one eval epoch and the fitted decoders (keyed by name, the objective's head as "head")."""
+def _eval_seed(seed: int, epoch: int) -> int:
+    """The evaluation stream of one eval epoch: a function of the run's seed and the epoch only, so an evaluation
+    is the same whichever epochs were evaluated before it, and a resumed run evaluates as an uninterrupted one."""
+    return (seed * 1_000_003 + epoch * 7_919 + 17) % 2**63
+
+
+def _evaluate(
+    cfg: RunConfig, model: _Model, data: _Splits, epoch: int = 0
+) -> tuple[dict[str, float], dict[str, nn.Module]]:
+    """Metrics of one eval epoch and the fitted decoders (keyed by name, the objective's head as "head").
+
+    Evaluation draws only from its own stream (probe and decoder initialisation, noise, splits), seeded per eval
+    epoch: the global RNG is forked around it and generators of its own are passed down, so neither eval_every,
+    the decoders nor probe_width can change the training trajectory.
+    """
+    device = data.train_x.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(_eval_seed(cfg.seed, epoch))  # what decoders draw from the global RNG (resfc's init)
+        return _evaluate_in_stream(cfg, model, data, _eval_seed(cfg.seed, epoch))
+
+
+def _evaluate_in_stream(
+    cfg: RunConfig, model: _Model, data: _Splits, seed: int
+) -> tuple[dict[str, float], dict[str, nn.Module]]:
     metrics: dict[str, float] = {}
-    # Latents for decoders without noise (the deterministic encoder), for the entropies with the noise that
-    # makes H[Z] ≥ 0 and I[X;Z] = H[Z] meaningful (runs trained without noise are measured the same way).
+    noise = torch.Generator(device=data.train_x.device).manual_seed(seed)
+    # Decoders see the deterministic latents (the GMM the noisy ones, below); the entropies see latents with the
+    # zero-entropy noise, which makes H[Z] ≥ 0 and I(X; Z+ε) finite (runs trained without noise are measured the
+    # same way, and their noise-free H[Z] is reported beside it).
     z_train = encode(model.latent, data.train_x)
+    z_val = encode(model.latent, data.val_x)
     z_test = encode(model.latent, data.test_x)
+    validation = (z_val, data.val_y)
     noisy_fit = [d for d in cfg.decoders if cfg.noise and d in NOISY_FIT_DECODERS]
     decoders: dict[str, nn.Module] = {}
     if noisy_fit:
-        # A generator of its own, so this draw leaves the training RNG (and a resumed run's) as it was.
-        generator = torch.Generator(device=z_train.device).manual_seed(cfg.seed)
-        z_noisy_train = add_zero_entropy_noise(z_train, generator=generator)
-        decoders.update(fit_decoders(noisy_fit, z_noisy_train, data.train_y, data.num_classes))
+        z_noisy_train = add_zero_entropy_noise(z_train, generator=noise)
+        decoders.update(fit_decoders(noisy_fit, z_noisy_train, data.train_y, data.num_classes, validation))
     plain = [d for d in cfg.decoders if d not in noisy_fit]
-    decoders.update(fit_decoders(plain, z_train, data.train_y, data.num_classes))
+    decoders.update(fit_decoders(plain, z_train, data.train_y, data.num_classes, validation))
     decoders = {name: decoders[name] for name in cfg.decoders}  # in the configured order
     if model.objective.has_head:
         decoders[HEAD] = _HeadDecoder(model.objective)
-    y_test, y_train = data.test_y, data.train_y
     for name, decoder in decoders.items():
-        acc = decoder_accuracy(decoder, z_test, y_test)
+        acc = decoder_accuracy(decoder, z_test, data.test_y)
         metrics[f"acc/{name}"] = acc
         metrics[f"test_acc/{name}"] = acc
-        metrics[f"train_acc/{name}"] = decoder_accuracy(decoder, z_train, y_train)
-    z_noisy = add_zero_entropy_noise(z_test)
+        metrics[f"train_acc/{name}"] = decoder_accuracy(decoder, z_train, data.train_y)
+        metrics[f"val_acc/{name}"] = decoder_accuracy(decoder, z_val, data.val_y)
+    z_noisy = add_zero_entropy_noise(z_test, generator=noise)
+    z_noisy_val = add_zero_entropy_noise(z_val, generator=noise)
     metrics["h_z"] = float(knn_entropy(z_noisy, cfg.k))
-    metrics["h_z_given_y"] = float(conditional_knn_entropy(z_noisy, y_test, cfg.k))
-    plane = information_plane(z_noisy, y_test, data.num_classes, cfg.k, width=cfg.probe_width)
+    metrics["h_z_given_y"] = float(conditional_knn_entropy(z_noisy, data.test_y, cfg.k))
+    plane = information_plane(
+        z_noisy, data.test_y, data.num_classes, cfg.k, width=cfg.probe_width, folds=cfg.probe_folds,
+        generator=torch.Generator().manual_seed(seed), validation=(z_noisy_val, data.val_y),
+    )  # fmt: skip
     metrics["infoplane/i_xz"] = plane["i_xz"]
     metrics["infoplane/h_y_given_z"] = plane["h_y_given_z"]
+    metrics["infoplane/h_y_given_z_in_sample"] = plane["h_y_given_z_in_sample"]
+    metrics["infoplane/h_z_noise_free"] = float(knn_entropy(z_test, cfg.k))
+    metrics["val_h_y_given_z"] = plane["val_h_y_given_z"]
     return metrics, decoders
 
 
@@ -376,6 +415,7 @@ def _save_checkpoint(
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "loader_rng": loader.generator.get_state(),
+        "loader_device_rng": loader.device_generator.get_state(),
         "rng": _rng_state(device),
         **extra,
     }
@@ -456,7 +496,8 @@ def run(
     precision = set_precision(cfg, device)
     seed_everything(cfg.seed)
     # Data first: a missing dataset is a ConfigError for the caller, before anything is written.
-    data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
+    # The validation split is carved out of the training data: the loader never trains on it.
+    data = with_validation(load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed), cfg.val_fraction)
     loader = make_loader(cfg, data, device)
     run_dir.mkdir(parents=True, exist_ok=True)
     with results.run_lock(run_dir) as lock:
@@ -488,7 +529,8 @@ def _train(
     model = _build(cfg, data, device)
     # The loader holds the train split on the device already; eval reuses it (un-augmented) and the test split.
     test_x = data.test_x.contiguous(memory_format=torch.channels_last) if loader.channels_last else data.test_x
-    splits = _Splits(loader.x, loader.y, test_x.to(device), data.test_y.to(device), data.info.num_classes)
+    splits = _Splits(loader.x, loader.y, data.val_x.to(device), data.val_y.to(device), test_x.to(device),
+                     data.test_y.to(device), data.info.num_classes)  # fmt: skip
     params = list(model.encoder.parameters()) + list(model.objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -510,6 +552,7 @@ def _train(
             optimizer.load_state_dict(state["optimizer"])  # casts moments to the parameters' device; step stays CPU
             scheduler.load_state_dict(state["scheduler"])
             loader.generator.set_state(state["loader_rng"])
+            loader.device_generator.set_state(state["loader_device_rng"])
             _set_rng_state(state["rng"], device)
             epochs_done, wall_before = state["epoch"], state.get("wall_time", 0.0)
             start_epoch = epochs_done + 1
@@ -527,7 +570,7 @@ def _train(
             if progress is not None:
                 progress({"epoch": epoch, "epochs": cfg.epochs, "lr": lr, **terms})
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                metrics, decoders = _evaluate(cfg, model, splits)
+                metrics, decoders = _evaluate(cfg, model, splits, epoch)
                 row = {
                     "run_id": rid,
                     "epoch": epoch,
@@ -548,7 +591,7 @@ def _train(
             )  # fmt: skip
             epochs_done = epoch
         if not decoders:  # resumed after the last epoch's checkpoint: refit the decoders for the robustness curves
-            metrics, decoders = _evaluate(cfg, model, splits)
+            metrics, decoders = _evaluate(cfg, model, splits, epochs_done)
             last_metrics = (results.read_metrics(run_dir) or [{"run_id": rid, "epoch": epochs_done, **metrics}])[-1]
         curves = _robustness(cfg, model, decoders, splits)
     except results.RunLocked:

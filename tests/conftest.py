@@ -18,6 +18,26 @@ import torch
 # threads spin against each other (runs 10-30x slower were seen); results do not depend on it.
 torch.set_num_threads(1)
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_tmpdir(tmp_path_factory):
+    """A temp folder of the session's own for everything the tests start (Ray's per-sweep temp folders of the
+    `ibbench sweep` subprocesses included, which a killed driver cannot remove itself), removed at the end: the
+    suite leaves nothing in the shared temp folder. Short, because Ray's socket paths below it are limited to 107
+    bytes; pytest's own folder is placed first, where it always is."""
+    tmp_path_factory.getbasetemp()
+    path = tempfile.mkdtemp(prefix="ibt-", dir="/tmp")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = path
+    tempfile.tempdir = None  # tempfile caches the folder it found first
+    yield Path(path)
+    if before is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = before
+    tempfile.tempdir = None
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_global_rngs():
     """Every test starts from the same global RNG state: train.run reseeds the global RNGs, so without this an
@@ -105,14 +125,14 @@ def slurm_cluster() -> None:
 
 
 @pytest.fixture(scope="session")
-def ray_runtime(tmp_path_factory):
-    """One Ray runtime for the whole test session (ray.init costs seconds), its files under pytest's temp folder."""
+def ray_runtime(_private_tmpdir):
+    """One Ray runtime for the whole test session (ray.init costs seconds), its files in the private temp folder."""
     import ray
 
     from ibbench.launch.local import init_ray
 
-    # Short: Ray's socket paths below it may not exceed 107 bytes.
-    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir=tmp_path_factory.getbasetemp()))
+    # In the session's private temp folder, short: Ray's socket paths below it may not exceed 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-"))
     init_ray(num_cpus=2, temp_dir=temp_dir)
     yield temp_dir
     ray.shutdown()

@@ -83,11 +83,30 @@ def test_digits(digits) -> None:
         assert abs(test[c] - 0.25 * total[c]) <= 1
 
 
-def test_digits_split_is_deterministic_by_seed(digits) -> None:
-    again = load_dataset("digits", seed=0)
-    assert torch.equal(again.train_x, digits.train_x) and torch.equal(again.test_y, digits.test_y)
-    other = load_dataset("digits", seed=1)
-    assert not torch.equal(other.train_x, digits.train_x)
+def test_the_digits_split_is_fixed_whatever_the_runs_seed(digits) -> None:
+    """Seeds vary the model only: every run seed trains and tests on the same images."""
+    for seed in (0, 1, 7):
+        again = load_dataset("digits", seed=seed)
+        assert torch.equal(again.train_x, digits.train_x) and torch.equal(again.test_y, digits.test_y)
+    assert torch.equal(load_dataset("synthetic", seed=3).test_x, load_dataset("synthetic", seed=0).test_x)
+
+
+def test_the_validation_split_is_stratified_disjoint_and_the_same_for_every_seed(digits) -> None:
+    from ibbench.data import with_validation
+
+    split = with_validation(digits, 0.1)
+    assert len(split.train_y) + len(split.val_y) == len(digits.train_y)
+    assert len(split.val_y) == pytest.approx(0.1 * len(digits.train_y), abs=10)
+    counts = torch.bincount(split.val_y, minlength=10).float()
+    expected = 0.1 * torch.bincount(digits.train_y, minlength=10).float()
+    assert (counts - expected).abs().max() <= 1  # each class keeps its share
+    rows = lambda x: {tuple(r.flatten().tolist()) for r in x}  # noqa: E731
+    assert not rows(split.val_x) & rows(split.train_x) and not rows(split.val_x) & rows(split.test_x)
+    # Fixed per dataset: the same validation images whatever the run's seed.
+    for seed in (1, 5):
+        assert torch.equal(with_validation(load_dataset("digits", seed=seed), 0.1).val_x, split.val_x)
+    with pytest.raises(ValueError, match="fraction"):
+        with_validation(digits, 0.0)
 
 
 # ---------------------------------------------------------------- synthetic

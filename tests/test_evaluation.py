@@ -41,8 +41,8 @@ def tiny_encoder() -> nn.Module:
 def test_information_plane_well_separated_classes():
     torch.manual_seed(0)
     z, y = blobs(150, 4, 3, scale=20.0, seed=0)
-    point = information_plane(z, y, num_classes=3, k=3, **SMALL_RESFC)
-    assert set(point) == {"i_xz", "h_y_given_z"}
+    point = information_plane(z, y, num_classes=3, k=3, **SMALL_RESFC, validation=(z[:30], y[:30]))
+    assert set(point) == {"i_xz", "h_y_given_z", "h_y_given_z_in_sample", "val_h_y_given_z"}
     assert all(isinstance(v, float) and math.isfinite(v) for v in point.values())
     assert 0.0 <= point["h_y_given_z"] < 0.1
 
@@ -54,8 +54,9 @@ def test_information_plane_uninformative_latents_and_gaussian_entropy():
     z = torch.randn(n, d, generator=g)
     y = torch.randint(0, c, (n,), generator=g)  # labels independent of z: H[Y|Z] = H[Y] ≈ log 3
     point = information_plane(z, y, num_classes=c, k=3, **SMALL_RESFC)
-    assert -0.05 <= point["h_y_given_z"] <= math.log(c) + 0.05
-    assert point["h_y_given_z"] > 0.8 * math.log(c)
+    # Cross-fitted: no probe can beat log C on latents it never saw; fitted on them, it can.
+    assert point["h_y_given_z"] == pytest.approx(math.log(c), abs=0.1)
+    assert point["h_y_given_z_in_sample"] < point["h_y_given_z"]
     # H of a standard normal in d dims is (d/2) log(2πe) nats
     assert point["i_xz"] == pytest.approx(0.5 * d * math.log(2 * math.pi * math.e), abs=0.2)
 

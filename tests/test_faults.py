@@ -290,7 +290,7 @@ def test_ctrl_c_during_ibbench_run_exits_130_and_resumes(tmp_path):
 def test_ctrl_c_during_a_search_sweep_ends_the_trial_and_a_rerun_asks_it_again(tmp_path, ray_runtime):
     spec_path = write_yaml(tmp_path / "cc.yaml", {
         "name": "cc", "base": {**TINY_RUN, "epochs": 40, "eval_every": 40},
-        "search": {"num_samples": 1, "metric": "test_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}},
+        "search": {"num_samples": 1, "metric": "val_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}},
         "resources": {"cpu": 1},
     })  # fmt: skip
     out = tmp_path / "out"
@@ -338,7 +338,7 @@ def cifar_search(path: Path, data_dir: Path) -> Path:
     base = {**TINY_RUN, "dataset": "cifar10", "data_dir": str(data_dir), "k": 1, "epochs": 1, "fgsm_eps": [0.0]}
     return write_yaml(path, {
         "name": "nodata", "base": base, "resources": {"cpu": 1},
-        "search": {"num_samples": 2, "metric": "test_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}},
+        "search": {"num_samples": 2, "metric": "val_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}},
     })  # fmt: skip
 
 
@@ -351,7 +351,7 @@ def test_trials_failing_before_their_run_starts_are_reported_and_replaced(tmp_pa
     missing.mkdir()
     spec = load_sweep(cifar_search(tmp_path / "s.yaml", missing))
     out = tmp_path / "out"
-    assert _run_local_sweep(spec, out, "test_acc/gmm", "max", retry_failed=False) == 1
+    assert _run_local_sweep(spec, out, "val_acc/gmm", "max", retry_failed=False) == 1
     err = capsys.readouterr().err
     failures = [line for line in err.splitlines() if line.startswith("failed before its run started: trial beta=")]
     assert len(failures) == 2 and all("ConfigError" in line and "CIFAR-10 not found" in line for line in failures), err
@@ -404,12 +404,12 @@ def test_a_misspelled_search_metric_is_refused_before_any_work(tmp_path, capsys)
     assert main(["sweep", str(spec_path), "--out", str(tmp_path / "out")]) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert line.startswith(f"error: {spec_path}: search.metric: 'test_acc/gmn' is not a metric the runs report")
-    assert "allowed: " in line and "test_acc/gmm" in line and "infoplane/i_xz" in line
+    assert "allowed: " in line and "val_acc/gmm" in line and "infoplane/i_xz" not in line  # test: not selectable
     assert not (tmp_path / "out").exists()
 
 
 def test_a_changed_sweep_under_an_old_study_stops_with_one_line(tmp_path, capsys):
-    search = {"num_samples": 2, "metric": "test_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}}
+    search = {"num_samples": 2, "metric": "val_acc/gmm", "space": {"beta": {"uniform": [0.0, 0.5]}}}
     spec_path = write_yaml(tmp_path / "fp.yaml", {"name": "fp", "base": TINY_RUN, "search": search})
     out = tmp_path / "out"
     root = out / "fp"

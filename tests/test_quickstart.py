@@ -46,11 +46,11 @@ def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console(tmp_p
     runs = plan(spec, tmp_path)
     assert len(runs) == 14 and {p.state for p in runs} == {"done"}
     # The outcome table: the sweep's metric and time per run, "–" where a field means nothing for the objective.
-    assert "test_acc/gmm" in proc.stdout and "time" in proc.stdout and "14 done" in proc.stdout
+    assert "val_acc/gmm" in proc.stdout and "time" in proc.stdout and "14 done" in proc.stdout
     outcome = proc.stdout.split("sweep quickstart: outcome", 1)[1]
     for p in runs:
         line = next(line for line in outcome.splitlines() if p.run_id in line)
-        accuracy = results.read_summary(p.run_dir)["final"]["test_acc/gmm"]
+        accuracy = results.read_summary(p.run_dir)["final"]["val_acc/gmm"]
         assert f"{accuracy:.4g}" in line
         if p.cfg.objective == "ce":
             assert "–" in line and "0.1" not in line.split(p.run_id, 1)[1].split("done")[0]

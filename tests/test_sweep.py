@@ -65,10 +65,10 @@ def test_grid_sweep_completes_and_a_rerun_trains_nothing(tmp_path, ray_runtime, 
     assert len(frame) == 3 and set(frame["status"]) == {"done"}
     assert main(["status", str(tmp_path / "out" / "four")]) == 0
     status = capsys.readouterr().out
-    assert "3 done" in status and "test_acc/gmm" in status and "time" in status
+    assert "3 done" in status and "val_acc/gmm" in status and "time" in status
     ce_row = next(line for line in status.splitlines() if " ce " in line)
     assert "–" in ce_row  # β'' and k mean nothing for the baseline
-    accuracy = results.read_summary(next(p.run_dir for p in plan(spec, tmp_path / "out")))["final"]["test_acc/gmm"]
+    accuracy = results.read_summary(next(p.run_dir for p in plan(spec, tmp_path / "out")))["final"]["val_acc/gmm"]
     assert f"{accuracy:.4g}" in status
 
 
@@ -95,10 +95,10 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
     assert main(["status", str(tmp_path / "out" / "onebad"), "--top", "1"]) == 0
     status = capsys.readouterr().out
     root = tmp_path / "out" / "onebad"
-    accuracy = {rid: results.read_summary(root / rid)["final"]["test_acc/gmm"] for rid, s in states.items()
+    accuracy = {rid: results.read_summary(root / rid)["final"]["val_acc/gmm"] for rid, s in states.items()
                 if s == "done"}  # fmt: skip
     best = max(accuracy, key=accuracy.get)
-    assert "best 1 by test_acc/gmm (max)" in status and best in status
+    assert "best 1 by val_acc/gmm (max)" in status and best in status
     assert (set(accuracy) - {best}).isdisjoint(status.split("best 1 by", 1)[1].split("failed", 1)[0])
     failed = [rid for rid, s in states.items() if s == "failed"]
     assert all(f"failed {rid}: non-finite" in status for rid in failed)
@@ -118,7 +118,7 @@ def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
     search = {
         "algorithm": "optuna",
         "num_samples": 4,
-        "metric": "test_acc/gmm",
+        "metric": "val_acc/gmm",
         "mode": "max",
         "space": {"beta": {"uniform": [0.0, 0.9]}, "k": {"int": [1, 4]}},
     }
@@ -193,7 +193,7 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
 
 
 def test_a_search_whose_driver_was_killed_resumes_its_running_trial(tmp_path, ray_runtime):
-    search = {"algorithm": "optuna", "num_samples": 2, "metric": "test_acc/gmm", "mode": "max",
+    search = {"algorithm": "optuna", "num_samples": 2, "metric": "val_acc/gmm", "mode": "max",
               "space": {"beta": {"uniform": [0.0, 0.9]}}}  # fmt: skip
     spec_path = write_spec(tmp_path / "sk.yaml", name="sk", base={**TINY_BASE, "epochs": 8}, search=search,
                            resources={"cpu": 1}, max_concurrent=1)  # fmt: skip
@@ -223,7 +223,7 @@ def test_asha_stops_are_final_and_not_retrained(tmp_path, ray_runtime):
     search = {
         "algorithm": "optuna",
         "num_samples": 4,
-        "metric": "test_acc/gmm",
+        "metric": "val_acc/gmm",
         "mode": "max",
         "scheduler": "asha",
         "grace_period": 1,

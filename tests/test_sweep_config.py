@@ -129,7 +129,7 @@ def test_optuna_search_spec():
     assert (s.algorithm, s.num_samples, s.metric, s.mode, s.scheduler) == (
         "optuna",
         32,
-        "test_acc/gmm",
+        "val_acc/gmm",
         "max",
         "asha",
     )
@@ -251,11 +251,14 @@ MALFORMED = {
     "duplicate_key": (BASE + "grid: {beta: [0.1]}\ngrid: {k: [1]}\n", "line 4", None),
     "grid_over_max_runs": (BASE + "max_runs: 5\ngrid: {beta: [0.1, 0.2, 0.3], seed: [0, 1]}\n", "grid", "at most 5"),
     "max_runs_zero": (BASE + "max_runs: 0\n", "max_runs", "an integer ≥ 1"),
-    "search_metric_typo": (BASE + SEARCH.replace("}}}", "}}, metric: test_acc/gmn}"), "search.metric", "test_acc/gmm"),
+    "search_metric_typo": (BASE + SEARCH.replace("}}}", "}}, metric: val_acc/gmn}"), "search.metric", "val_acc/gmm"),
     "search_metric_not_every_objective": (
         BASE + SEARCH.replace("}}}", "}, objective: {choice: [ib, ce]}}, metric: train/h_z}"),
         "search.metric",
-        "test_acc/gmm",
+        "val_acc/gmm",
+    ),
+    "search_metric_on_the_test_set": (
+        BASE + SEARCH.replace("}}}", "}}, metric: test_acc/gmm}"), "search.metric", "val_acc/gmm, val_h_y_given_z"
     ),
     "search_seed_too_large": (BASE + SEARCH.replace("}}}", "}}, seed: 4294967296}"), "search.seed", "4294967295"),
     "baselines_not_a_list": (BASE + "baselines: {objective: ce}\n", "baselines", "[{objective: ce}]"),
@@ -304,8 +307,8 @@ def test_the_default_cap_refuses_a_huge_grid_before_building_it(tmp_path: Path):
 
 
 def test_a_search_metric_reported_by_every_trial_is_accepted(tmp_path: Path):
-    text = BASE + SEARCH.replace("}}}", "}, objective: {choice: [ib, ce]}}, metric: test_acc/gmm}")
-    assert load_sweep(write(tmp_path, text)).search.metric == "test_acc/gmm"
+    text = BASE + SEARCH.replace("}}}", "}, objective: {choice: [ib, ce]}}, metric: val_acc/gmm}")
+    assert load_sweep(write(tmp_path, text)).search.metric == "val_acc/gmm"
 
 
 def test_missing_sweep_file(tmp_path: Path):
@@ -366,7 +369,7 @@ def test_dry_run_search(tmp_path: Path, capsys, wide_console):
     path = ROOT / "sweeps" / "optuna_beta_k.yaml"
     assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path / "runs")]) == 0
     text = capsys.readouterr().out
-    assert "32" in text and "test_acc/gmm" in text
+    assert "32" in text and "val_acc/gmm" in text
 
 
 @pytest.mark.parametrize("case", ["name_escapes", "grid_beta_out_of_range", "yaml_syntax", "empty_file"])

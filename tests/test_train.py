@@ -305,3 +305,21 @@ def test_eot_attacks_the_noisy_model(tmp_path):
     assert summary["attack_settings"]["eot_draws"] == 4
     assert summary["attack_settings"]["latent_noise"] == "EOT over 4 draws"
     assert set(summary["robustness"]["gmm"]) == {"fgsm", "pgd_margin", "worst"}
+
+
+def test_evaluation_settings_do_not_change_the_training_trajectory(tmp_path):
+    """Evaluation has its own random stream: eval_every, the decoders or probe_width leave train/loss as it was."""
+    base = dict(epochs=4, device="cpu", fgsm_eps=[0.0])
+    losses = {}
+    for name, changes in {"a": dict(eval_every=1, probe_width=32), "b": dict(eval_every=2, probe_width=8,
+                                                                           decoders=["gmm", "logreg"])}.items():
+        train.run(small(**base, **changes), tmp_path / name)
+        losses[name] = {r["epoch"]: r["train/loss"] for r in results.read_metrics(tmp_path / name)}
+    assert set(losses["b"]) == {2, 4} and losses["b"] == {e: losses["a"][e] for e in (2, 4)}
+
+
+def test_the_cross_fitted_h_y_given_z_is_at_least_the_in_sample_one_on_a_digits_run(tmp_path):
+    train.run(small(epochs=2), tmp_path / "r")
+    for row in results.read_metrics(tmp_path / "r"):
+        assert row["infoplane/h_y_given_z"] >= row["infoplane/h_y_given_z_in_sample"]
+        assert 0 < row["val_h_y_given_z"] < math.log(10) and 0 <= row["val_acc/gmm"] <= 1

@@ -6,28 +6,33 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 from matplotlib import colormaps
+from matplotlib import colors as mcolors
 from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from ibbench.attacks import ATTACK_LABELS, PAPER_ATTACK, WORST
 from ibbench.report.tables import (
-    BASELINE_OBJECTIVES,
     HEAD,
     KEY_LABELS,
-    OBJECTIVE_LABELS,
     Table,
     accuracy_table,
     attack_table,
+    best_epoch_row,
+    beta_symbol,
     fmt_key,
     is_missing,
+    is_reference,
     masking_table,
+    objective_label,
+    objective_noise_default,
+    objective_order,
     prepare_runs,
     to_float,
 )
@@ -42,20 +47,81 @@ FIGURE_SIZES = {
 }
 
 
-def _beta_colors(betas: Iterable[Any]) -> dict[float, tuple]:
-    """One colour per β'', evenly spaced on viridis by rank (β'' values often span decades)."""
-    values = sorted({float(b) for b in betas if not is_missing(b)})
-    cmap = colormaps["viridis"]
-    positions = np.linspace(0.0, 0.85, len(values)) if len(values) > 1 else [0.35]
-    return {b: cmap(p) for b, p in zip(values, positions, strict=True)}
+# One colour map per objective with a β (the first, ib in the paper's figures, keeps viridis), one colour per β
+# within it; objectives without a β are reference lines.
+OBJECTIVE_CMAPS = ("viridis", "Oranges", "Purples", "Greens", "Blues")
+MARKERS = ("o", "^", "s", "D", "v", "P", "X")
+REFERENCE_STYLES = {
+    "ce_dropconnect": {"color": "black", "linestyle": "--", "linewidth": 2.0},
+    "ce": {"color": "tab:red", "linestyle": "--", "linewidth": 1.5},
+}
 
 
-def _style_handles(noise_lines: bool, markers: dict[str, str]) -> list[Line2D]:
+def _references(frame: pd.DataFrame) -> list[str]:
+    """The objectives without a β among the frame's rows (the CE baselines)."""
+    if frame.empty or "objective" not in frame:
+        return []
+    return sorted({o for o in frame["objective"] if is_reference(o)}, key=objective_order)
+
+
+def _reference_style(objective: Any) -> dict[str, Any]:
+    return REFERENCE_STYLES.get(str(objective), {"color": "tab:brown", "linestyle": "-.", "linewidth": 1.5})
+
+
+def _beta_objectives(frame: pd.DataFrame) -> list[str]:
+    """The objectives with a β among the frame's rows, ib first."""
+    if frame.empty or "objective" not in frame:
+        return []
+    return sorted({o for o in frame["objective"] if not is_reference(o)}, key=objective_order)
+
+
+def _palette(frame: pd.DataFrame) -> dict[tuple[str, float], tuple]:
+    """(objective, β) -> colour: each objective its colour map, its βs evenly spaced on it by rank (β values often
+    span decades)."""
+    colors: dict[tuple[str, float], tuple] = {}
+    for i, objective in enumerate(_beta_objectives(frame)):
+        rows = frame[frame["objective"] == objective]
+        values = sorted({float(b) for b in rows["beta"] if not is_missing(b)})
+        name = OBJECTIVE_CMAPS[i % len(OBJECTIVE_CMAPS)]
+        low, high = (0.0, 0.85) if name == "viridis" else (0.4, 0.95)  # sequential maps fade to white at 0
+        positions = np.linspace(low, high, len(values)) if len(values) > 1 else [(low + high) / 2]
+        colors.update({(objective, b): colormaps[name](pos) for b, pos in zip(values, positions, strict=True)})
+    return colors
+
+
+def _marker(objective: Any, frame: pd.DataFrame) -> str:
+    objectives = _beta_objectives(frame)
+    return MARKERS[objectives.index(objective) % len(MARKERS)] if objective in objectives else "o"
+
+
+def _color(palette: dict, row: pd.Series) -> tuple:
+    return palette.get((row["objective"], to_float(row["beta"])), (0.5, 0.5, 0.5, 1.0))
+
+
+def _dashed(row: pd.Series) -> bool:
+    """Dashed: an objective trained without the noise it has by default (ib without noise)."""
+    return row.get("noise") is False and objective_noise_default(row["objective"])
+
+
+def _palette_handles(palette: dict, frame: pd.DataFrame, most: int = 8) -> list[Line2D]:
+    """Legend entries for the palette: at most `most` βs per objective (evenly spaced by rank, ends included)."""
+    handles = []
+    for objective in _beta_objectives(frame):
+        items = [(b, c) for (o, b), c in palette.items() if o == objective]
+        if len(items) > most:
+            items = [items[int(i)] for i in np.unique(np.linspace(0, len(items) - 1, most).round())]
+        marker = _marker(objective, frame) if len(_beta_objectives(frame)) > 1 else None
+        handles += [Line2D([], [], color=c, marker=marker, label=f"{objective_label(objective)} "
+                           f"{beta_symbol(objective)}={b:g}") for b, c in items]  # fmt: skip
+    return handles
+
+
+def _style_handles(dashed_lines: bool, markers: dict[str, str]) -> list[Line2D]:
     """Legend entries for the line styles (noise solid, no noise dashed) and, when several, the variant markers."""
     handles = []
-    if noise_lines:
+    if dashed_lines:
         handles += [
-            Line2D([], [], color="0.5", linestyle="-", label="with noise"),
+            Line2D([], [], color="0.5", linestyle="-", label="with its noise"),
             Line2D([], [], color="0.5", linestyle="--", label="without noise"),
         ]
     if len(markers) > 1:
@@ -64,20 +130,12 @@ def _style_handles(noise_lines: bool, markers: dict[str, str]) -> list[Line2D]:
     return handles
 
 
-def _legend_betas(colors: dict[float, tuple], most: int = 8) -> dict[float, tuple]:
-    """At most `most` legend entries (evenly spaced by rank, ends included): a search can try dozens of β''."""
-    if len(colors) <= most:
-        return colors
-    items = list(colors.items())
-    return dict(items[int(i)] for i in np.unique(np.linspace(0, len(items) - 1, most).round()))
-
-
 def _beta_axis(ax, betas: Sequence[float]) -> None:
     positive = [b for b in betas if b > 0]
     if len(positive) >= 2 and max(positive) / min(positive) >= 20:
         if len(positive) == len(betas):
             ax.set_xscale("log")
-        else:  # β'' = 0 among them: linear up to the smallest positive value, logarithmic above
+        else:  # β = 0 among them: linear up to the smallest positive value, logarithmic above
             ax.set_xscale("symlog", linthresh=min(positive))
             ax.set_xlim(-0.3 * min(positive), max(positive) * 1.5)
 
@@ -92,13 +150,6 @@ def _variants(frame: pd.DataFrame, keys: Sequence[str], ignore: Sequence[str]) -
     return {i: ", ".join(f"{KEY_LABELS.get(k, k)}={fmt_key(k, frame.at[i, k])}" for k in rest) for i in frame.index}
 
 
-MARKERS = ("o", "^", "s", "D", "v", "P", "X")
-BASELINE_STYLE = {
-    "ce_dropconnect": {"color": "black", "linestyle": "--", "linewidth": 2.0},
-    "ce": {"color": "tab:red", "linestyle": "--", "linewidth": 1.5},
-}
-
-
 def _figure(name: str, **kwargs) -> Figure:
     return Figure(figsize=FIGURE_SIZES[name], dpi=DPI, layout="constrained", **kwargs)
 
@@ -106,10 +157,11 @@ def _figure(name: str, **kwargs) -> Figure:
 def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: str | None = None) -> Figure:
     """Fig. 1: accuracy vs ε under the per-image worst case, one panel per decoder family, like for like.
 
-    In each panel: IB, one line per β'' (noise solid / no noise dashed), and the baselines through the same
-    decoder (CE red, CE+DropConnect black, dashed); the baselines' own classifier is an extra dotted line in
-    every panel. `table` is attack_table(runs); `attack` defaults to "worst", or the paper's FGSM for runs from
-    before the suite. Unreliable worst cases (masking_table) are drawn faint with × markers.
+    In each panel: every objective with a β, one line per β (a colour map per objective; ib without its noise
+    dashed), and the reference objectives through the same decoder (CE red, CE+DropConnect black, dashed); their
+    own classifier is an extra dotted line in every panel. `table` is attack_table(runs); `attack` defaults to
+    "worst", or the paper's FGSM for runs from before the suite. Unreliable worst cases (masking_table) are drawn
+    faint with × markers.
     """
     table = table if table is not None else attack_table(runs)
     fig = _figure("fig1_robustness")
@@ -125,11 +177,12 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
     if not masking.empty:
         for _, row in masking[masking["verdict"] == "unreliable"].iterrows():
             unreliable.add(json.dumps([str(row[k]) for k in [*keys, "decoder"]]))
-    ib_all = frame[~frame["objective"].isin(BASELINE_OBJECTIVES)] if not frame.empty else frame
+    ib_all = frame[~frame["objective"].map(is_reference).astype(bool)] if not frame.empty else frame
+    references = _references(frame)
     families = sorted(set(frame["decoder"]) - {HEAD}) if not frame.empty else []
     families = families or [None]
     axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
-    colors = _beta_colors(ib_all["beta"]) if not ib_all.empty else {}
+    palette = _palette(ib_all)
     handles: list[Line2D] = []
 
     def draw(ax, row, **style) -> None:
@@ -146,18 +199,17 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
     markers: dict[str, str] = {}
     for ax, decoder in zip(axes, families, strict=True):
         ib = ib_all[ib_all["decoder"] == decoder] if decoder is not None and not ib_all.empty else ib_all.iloc[0:0]
-        variants = _variants(ib, keys, ("beta", "noise")) if not ib.empty else {}
+        variants = _variants(ib, keys, ("objective", "beta", "noise")) if not ib.empty else {}
         for v in dict.fromkeys(variants.values()):
             markers.setdefault(v, MARKERS[len(markers) % len(MARKERS)])
         for i, row in ib.iterrows():
-            color = colors.get(to_float(row["beta"]), "tab:gray")
-            marker = markers[variants[i]] if len(markers) > 1 else "o"
-            linestyle = "-" if row["noise"] is not False else "--"
-            draw(ax, row, color=color, linestyle=linestyle, marker=marker, markersize=4)
-        for objective in ("ce_dropconnect", "ce"):
+            marker = markers[variants[i]] if len(markers) > 1 else _marker(row["objective"], ib_all)
+            linestyle = "--" if _dashed(row) else "-"
+            draw(ax, row, color=_color(palette, row), linestyle=linestyle, marker=marker, markersize=4)
+        for objective in references:
             for own, style in (
-                (decoder, BASELINE_STYLE[objective]),
-                (HEAD, {**BASELINE_STYLE[objective], "linestyle": ":"}),
+                (decoder, _reference_style(objective)),
+                (HEAD, {**_reference_style(objective), "linestyle": ":"}),
             ):
                 if frame.empty or own is None:
                     continue
@@ -170,15 +222,14 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
         ax.set_ylim(0, 1.02)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"test accuracy, {ATTACK_LABELS.get(attack, attack)}")
-    handles += [Line2D([], [], color=c, label=f"β''={b:g}") for b, c in _legend_betas(colors).items()]
-    handles += _style_handles(not ib_all.empty, markers)
-    for objective in ("ce_dropconnect", "ce"):
-        if not frame.empty and (frame["objective"] == objective).any():
-            label = OBJECTIVE_LABELS[objective]
-            handles.append(Line2D([], [], **BASELINE_STYLE[objective], label=f"{label}, same decoder"))
-            if ((frame["objective"] == objective) & (frame["decoder"] == HEAD)).any():
-                head_style = {**BASELINE_STYLE[objective], "linestyle": ":"}
-                handles.append(Line2D([], [], **head_style, label=f"{label}, own classifier"))
+    handles += _palette_handles(palette, ib_all)
+    handles += _style_handles(not ib_all.empty and any(_dashed(r) for _, r in ib_all.iterrows()), markers)
+    for objective in references:
+        label = objective_label(objective)
+        handles.append(Line2D([], [], **_reference_style(objective), label=f"{label}, same decoder"))
+        if ((frame["objective"] == objective) & (frame["decoder"] == HEAD)).any():
+            head_style = {**_reference_style(objective), "linestyle": ":"}
+            handles.append(Line2D([], [], **head_style, label=f"{label}, own classifier"))
     if unreliable:
         handles.append(Line2D([], [], color="0.5", marker="x", alpha=0.35, label="unreliable (masked)"))
     fig.suptitle(f"Fig. 1: {'per-image worst case over the attacks' if attack == WORST else ATTACK_LABELS[attack]}")
@@ -187,20 +238,47 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
     return fig
 
 
+def _infoplane_groups(frame: pd.DataFrame) -> list[tuple[str, Any, str]]:
+    """Fig. 2's panels: (objective, noise, title) for each objective with a β (ib with and without its noise
+    apart), then one panel for the reference objectives (objective "" and noise None)."""
+    groups = []
+    for objective in _beta_objectives(frame):
+        rows = frame[frame["objective"] == objective]
+        label = objective_label(objective)
+        if objective_noise_default(objective):
+            for noise in (True, False):
+                if (rows["noise"] == noise).any():
+                    title = f"{label} with zero-entropy noise" if noise else f"{label} without noise: x = I[X;Z+ε]"
+                    groups.append((objective, noise, title))
+        else:
+            groups.append((objective, None, label))
+    if any(is_reference(o) for o in frame["objective"]):
+        groups.append(("", None, "references (no β)"))
+    return groups
+
+
 def figure_infoplane(runs: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
-    """Fig. 2: per-run trajectories (x = I[X;Z], y = H[Y|Z]) by β'', fading in with epoch; with / without noise."""
+    """Fig. 2: per-run trajectories (x = I[X;Z+ε], y = cross-fitted H[Y|Z]), fading in with epoch; one panel per
+    objective (ib with and without its noise), coloured by β; each objective's own bound on I(X;Z) dashed."""
     prep = prepare_runs(runs)
     fig = _figure("fig2_infoplane")
-    axes = fig.subplots(1, 2)
-    x, y = "infoplane/i_xz", "infoplane/h_y_given_z"
-    ib = prep.frame[~prep.frame["objective"].isin(BASELINE_OBJECTIVES)] if not prep.frame.empty else prep.frame
-    colors = _beta_colors(ib["beta"]) if not ib.empty else {}
+    x, y, own = "infoplane/i_xz", "infoplane/h_y_given_z", "train/i_xz_bound"
+    frame = prep.frame
+    groups = _infoplane_groups(frame) if not frame.empty else []
+    axes = fig.subplots(1, max(1, len(groups)), squeeze=False)[0]
+    palette = _palette(frame[~frame["objective"].map(is_reference).astype(bool)]) if not frame.empty else {}
     by_run = {}
     if not metrics.empty and {"run_id", x, y} <= set(metrics.columns):
         by_run = {rid: rows for rid, rows in metrics.groupby("run_id", sort=False)}
-    for ax, noise, title in ((axes[0], True, "(a) with zero-entropy noise"), (axes[1], False, "(b) without noise")):
+    bounds_drawn = False
+    for ax, (objective, noise, title) in zip(axes, groups or [("", None, "")], strict=True):
+        if objective:
+            members = frame[frame["objective"] == objective]
+            members = members if noise is None else members[members["noise"] == noise]
+        else:
+            members = frame[frame["objective"].map(is_reference).astype(bool)] if not frame.empty else frame
         drawn = 0
-        for _, run in ib[ib["noise"] == noise].iterrows() if not ib.empty else []:
+        for _, run in members.iterrows():
             rows = by_run.get(run["run_id"])
             if rows is None:
                 continue
@@ -208,84 +286,113 @@ def figure_infoplane(runs: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
             points = rows[[x, y]].apply(pd.to_numeric, errors="coerce").dropna().to_numpy()
             if len(points) == 0:
                 continue
-            rgb = colors.get(to_float(run["beta"]), (0.5, 0.5, 0.5, 1.0))[:3]
+            rgb = (_color(palette, run) if objective else mcolors.to_rgba(_reference_style(run["objective"])["color"]))
+            rgb = rgb[:3]
             alphas = np.linspace(0.15, 1.0, len(points))
             if len(points) >= 2:
                 segments = np.stack([points[:-1], points[1:]], axis=1)
                 ax.add_collection(LineCollection(segments, colors=[(*rgb, a) for a in alphas[1:]], linewidths=1.5))
             ax.scatter(points[:, 0], points[:, 1], s=12, color=[(*rgb, a) for a in alphas], linewidths=0)
-            best = int(np.argmin(points[:, 1]))
-            # The square is drawn larger and below, so a final epoch that is also the best shows both marks.
-            ax.scatter(*points[best], s=100, marker="s", color=rgb, edgecolors="black", zorder=3)
+            best = best_epoch_row(rows)
+            if best is not None and math.isfinite(to_float(best[x])) and math.isfinite(to_float(best[y])):
+                # The square is drawn larger and below, so a final epoch that is also the best shows both marks.
+                ax.scatter(to_float(best[x]), to_float(best[y]), s=100, marker="s", color=rgb, edgecolors="black",
+                           zorder=3)  # fmt: skip
             ax.scatter(*points[-1], s=60, marker="o", color=rgb, edgecolors="white", linewidths=1.2, zorder=4)
+            if own in rows:  # the objective's own bound on I(X;Z) (VIB's KL, nlib's KDE bound), same H[Y|Z]
+                bound = rows[[own, y]].apply(pd.to_numeric, errors="coerce").dropna().to_numpy()
+                if len(bound):
+                    ax.plot(bound[:, 0], bound[:, 1], color=rgb, linestyle="--", linewidth=1, alpha=0.6)
+                    bounds_drawn = True
             drawn += 1
         if not drawn:
             _empty(ax)
         ax.autoscale_view()
-        ax.set_title(title)
-        ax.set_xlabel("I[X;Z] = H[Z]  (nats, k-NN estimate)")
-        ax.set_ylabel("H[Y|Z]  (nats, ResFC upper bound)")
+        ax.set_title(title, fontsize="medium")
+        ax.set_xlabel("I[X;Z+ε]  (nats, k-NN estimate)")
         ax.grid(alpha=0.3)
-    handles = [Line2D([], [], color=c, linewidth=2, label=f"β''={b:g}") for b, c in _legend_betas(colors).items()]
+    axes[0].set_ylabel("H[Y|Z]  (nats, cross-fitted ResFC)")
+    handles = _palette_handles(palette, frame[~frame["objective"].map(is_reference).astype(bool)]) if palette else []
+    references = _references(frame)
+    handles += [Line2D([], [], color=_reference_style(o)["color"], label=objective_label(o)) for o in references]
     handles += [
         Line2D([], [], marker="o", color="0.6", markeredgecolor="black", linestyle="", markersize=8, label="final"),
-        Line2D([], [], marker="s", color="0.6", markeredgecolor="black", linestyle="", markersize=8, label="best"),
+        Line2D([], [], marker="s", color="0.6", markeredgecolor="black", linestyle="", markersize=8,
+               label="best (validation)"),
         Line2D([], [], color="0.6", alpha=0.25, label="faint: early"),
-    ]
+    ]  # fmt: skip
+    if bounds_drawn:
+        handles.append(Line2D([], [], color="0.4", linestyle="--", label="x = the objective's own bound"))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
-    fig.suptitle("Fig. 2: information-plane trajectories on the test set, one per run (best = lowest H[Y|Z])")
+    fig.suptitle("Fig. 2: information-plane trajectories on the test set, one per run (best: lowest validation H[Y|Z])")
     return fig
 
 
 def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Figure:
-    """Fig. 3: generalization error (1 − test accuracy) vs β'' per decoder; CE baselines as reference lines."""
+    """Fig. 3: generalization error (1 − test accuracy) vs β, one panel per objective with a β, a line per decoder;
+    the reference objectives' own classifiers as horizontal lines in every panel."""
     table = table if table is not None else accuracy_table(runs)
     fig = _figure("fig3_generalization")
-    ax = fig.add_subplot()
     frame = table.frame
-    ib = frame[~frame["objective"].isin(BASELINE_OBJECTIVES)] if not frame.empty else frame
+    objectives = _beta_objectives(frame)
+    axes = fig.subplots(1, max(1, len(objectives)), sharey=True, squeeze=False)[0]
     handles = []
-    betas = [float(b) for b in ib["beta"] if not is_missing(b)] if not ib.empty else []
-    if not ib.empty:
-        variants = _variants(ib, table.keys, ("beta", "decoder", "noise"))
-        decoder_colors = {d: f"C{i}" for i, d in enumerate(sorted(set(ib["decoder"])))}
-        lines = {}
-        for i in ib.index:
-            lines.setdefault((ib.at[i, "decoder"], variants[i], ib.at[i, "noise"] is not False), []).append(i)
-        markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(dict.fromkeys(variants.values()))}
-        for (decoder, variant, noisy), index in lines.items():
-            rows = ib.loc[index].assign(_beta=lambda f: f["beta"].map(to_float)).sort_values("_beta")
-            ax.errorbar(
-                rows["_beta"],
-                1 - rows["test_acc"].astype(float),
-                yerr=rows["test_acc_se"].astype(float),  # NaN (a single seed): no bar
-                color=decoder_colors[decoder],
-                linestyle="-" if noisy else "--",
-                marker=markers[variant],
-                capsize=3,
-                markersize=5,
-            )
-        handles += [Line2D([], [], color=c, marker="o", label=f"decoder {d}") for d, c in decoder_colors.items()]
-        handles += _style_handles(len({k[2] for k in lines}) > 1, markers)
-    for objective in ("ce", "ce_dropconnect"):
-        rows = frame[(frame["objective"] == objective) & (frame["decoder"] == HEAD)] if not frame.empty else frame
-        style = BASELINE_STYLE[objective] | {"linestyle": "--" if objective == "ce" else ":"}
-        for _, row in rows.iterrows():
-            error, se = 1 - to_float(row["test_acc"]), to_float(row["test_acc_se"])
-            ax.axhline(error, **style)
-            if not math.isnan(se):
-                ax.axhspan(error - se, error + se, color=style["color"], alpha=0.1, linewidth=0)
-        if not rows.empty:
-            handles.append(Line2D([], [], **style, label=f"{OBJECTIVE_LABELS[objective]} (own classifier)"))
-    if betas:
-        _beta_axis(ax, betas)
-    else:
-        _empty(ax)
-    ax.set_xlabel("β''")
-    ax.set_ylabel("generalization error (1 − test accuracy)")
-    ax.set_ylim(bottom=0)
-    ax.grid(alpha=0.3)
-    ax.set_title("Fig. 3: generalization error vs β''")
+    families = sorted(set(frame["decoder"]) - {HEAD}) if not frame.empty else []
+    decoder_colors = {d: f"C{i}" for i, d in enumerate(families)}
+    markers: dict[str, str] = {}
+    dashed_any = False
+    references = _references(frame)
+    for ax, objective in zip(axes, objectives or [None], strict=True):
+        rows_all = frame[frame["objective"] == objective] if objective is not None else frame.iloc[0:0]
+        betas = [float(b) for b in rows_all["beta"] if not is_missing(b)]
+        if not rows_all.empty:
+            variants = _variants(rows_all, table.keys, ("objective", "beta", "decoder", "noise"))
+            lines: dict[tuple, list] = {}
+            for i in rows_all.index:
+                dashed = _dashed(rows_all.loc[i])
+                dashed_any |= dashed
+                lines.setdefault((rows_all.at[i, "decoder"], variants[i], dashed), []).append(i)
+            for v in dict.fromkeys(variants.values()):
+                markers.setdefault(v, MARKERS[len(markers) % len(MARKERS)])
+            for (decoder, variant, dashed), index in lines.items():
+                if decoder not in decoder_colors:
+                    continue  # the objective's own head: shown through the other decoders' lines and the table
+                rows = rows_all.loc[index].assign(_beta=lambda f: f["beta"].map(to_float)).sort_values("_beta")
+                ax.errorbar(
+                    rows["_beta"],
+                    1 - rows["test_acc"].astype(float),
+                    yerr=rows["test_acc_se"].astype(float),  # NaN (a single seed): no bar
+                    color=decoder_colors[decoder],
+                    linestyle="--" if dashed else "-",
+                    marker=markers[variant],
+                    capsize=3,
+                    markersize=5,
+                )
+        for reference in references:
+            rows = frame[(frame["objective"] == reference) & (frame["decoder"] == HEAD)]
+            style = _reference_style(reference) | {"linestyle": "--" if reference == "ce" else ":"}
+            for _, row in rows.iterrows():
+                error, se = 1 - to_float(row["test_acc"]), to_float(row["test_acc_se"])
+                ax.axhline(error, **style)
+                if not math.isnan(se):
+                    ax.axhspan(error - se, error + se, color=style["color"], alpha=0.1, linewidth=0)
+        if betas:
+            _beta_axis(ax, betas)
+        else:
+            _empty(ax)
+        symbol = beta_symbol(objective) if objective is not None else "β"
+        ax.set_xlabel(symbol)
+        ax.set_title(objective_label(objective) if objective is not None else "", fontsize="medium")
+        ax.set_ylim(bottom=0)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("generalization error (1 − test accuracy)")
+    handles += [Line2D([], [], color=c, marker="o", label=f"decoder {d}") for d, c in decoder_colors.items()]
+    handles += _style_handles(dashed_any, markers)
+    for reference in references:
+        if ((frame["objective"] == reference) & (frame["decoder"] == HEAD)).any():
+            style = _reference_style(reference) | {"linestyle": "--" if reference == "ce" else ":"}
+            handles.append(Line2D([], [], **style, label=f"{objective_label(reference)} (own classifier)"))
+    fig.suptitle("Fig. 3: generalization error vs each objective's β")
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
@@ -295,18 +402,22 @@ FIGURE_CAPTIONS = {
     "fig1_robustness": (
         "Figure 1: test accuracy at each ε under the per-image worst case over the attack suite (the paper's FGSM "
         "for runs from before the suite), one panel per decoder family, so IB and the baselines are compared "
-        "through the same decoder: IB one line per β'' (colour; solid with the zero-entropy noise, dashed "
-        "without), CE red dashed and CE+DropConnect black dashed through that decoder, and dotted through their "
+        "through the same decoder: each objective one line per β (a colour map per objective: IB viridis, others "
+        "orange, purple, …; IB dashed without its noise), CE red dashed and CE+DropConnect black dashed through "
+        "that decoder, and dotted through their "
         "own classifier (an extra line, the same in every panel); faint × lines: worst cases marked unreliable; "
         "shaded bands ± s.e. over seeds."
     ),
     "fig2_infoplane": (
-        "Figure 2: information-plane trajectories on the test set (x = I[X;Z], y = H[Y|Z]), coloured by β'', "
-        "fainter at early epochs; circle: final epoch, square: best epoch (lowest H[Y|Z]). Left with the noise, "
-        "right without. IB runs only; the baselines' values are in the table."
+        "Figure 2: information-plane trajectories on the test set (x = I[X;Z+ε], the k-NN estimate with the "
+        "zero-entropy noise ε, which is I[X;Z] for runs trained with that noise; y = cross-fitted H[Y|Z]), one "
+        "panel per objective (IB with and without its noise apart) and one for the references, coloured by β, "
+        "fainter at early epochs; circle: final epoch, square: best epoch by the validation split; dashed: the "
+        "objective's own bound on I(X;Z) (VIB's KL, nlib's KDE bound, on training batches) against the same H[Y|Z]."
     ),
     "fig3_generalization": (
-        "Figure 3: generalization error (1 − test accuracy) vs β'' for each decoder (solid with noise, dashed "
-        "without), error bars ± s.e.; the CE baseline's own classifier as the red dashed reference line."
+        "Figure 3: generalization error (1 − test accuracy) vs β, one panel per objective (β'' for IB), one line "
+        "per decoder (dashed: IB without its noise), error bars ± s.e.; the reference objectives' own classifiers "
+        "as horizontal lines (CE red dashed, CE+DropConnect black dotted)."
     ),
 }

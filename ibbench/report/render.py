@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ibbench.report.tables import DASH, KEY_LABELS, Table, fmt_key, to_float
+from ibbench.report.tables import DASH, KEY_LABELS, Table, beta_symbol, fmt_key, is_reference, to_float
 
 
 def _fmt_number(value: Any, digits: int) -> str:
@@ -25,7 +25,14 @@ def _cells(table: Table) -> tuple[list[str], list[list[tuple[str, bool]]]]:
     """Header labels and rows of (text, bold) cells: keys, n, then each metric and its ± column."""
     frame = table.frame
     show_se = table.show_se
-    headers = [KEY_LABELS.get(k, k) for k in table.keys]
+    # β means a different thing per objective: the header is the symbol of the objectives shown (β'' for ib), and
+    # where several meanings share the column each cell carries its own symbol.
+    symbols = set()
+    if "objective" in table.keys and not frame.empty:
+        symbols = {beta_symbol(o) for o in frame["objective"] if not is_reference(o)}
+    mixed = len(symbols) > 1
+    labels = {**KEY_LABELS, "beta": "β" if mixed else (next(iter(symbols)) if symbols else KEY_LABELS["beta"])}
+    headers = [labels.get(k, k) for k in table.keys]
     if table.metrics:
         headers.append("n")
     for metric in table.metrics:
@@ -50,7 +57,7 @@ def _cells(table: Table) -> tuple[list[str], list[list[tuple[str, bool]]]]:
         best[metric.column] = mask
     rows = []
     for i, row in frame.iterrows():
-        cells = [(fmt_key(k, row[k]), False) for k in table.keys]
+        cells = [(fmt_key(k, row[k], row["objective"] if k == "beta" and mixed else None), False) for k in table.keys]
         if table.metrics:
             cells.append((fmt_key("n", row.get("n")), False))
         for metric in table.metrics:

@@ -35,9 +35,49 @@ from ibbench.attacks import (
 )
 from ibbench.config import PLACEMENT_FIELDS, RunConfig
 
-BASELINE_OBJECTIVES = ("ce", "ce_dropconnect")
-OBJECTIVE_LABELS = {"ib": "IB", "ce": "CE", "ce_dropconnect": "CE+DropConnect"}
-IB_ONLY = ("beta", "k")  # meaningless for the baselines; noise is masked too when a baseline runs one way only
+# -- objectives, as the registry describes them (the report names none) --------------------------------------------
+
+
+def _objective(name: Any):
+    from ibbench.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(name) if isinstance(name, str) and name in OBJECTIVES else None
+
+
+def objective_label(name: Any) -> str:
+    """How reports name an objective: its class's label (IB, VIB, NLIB, CE, CE+DropConnect)."""
+    cls = _objective(name)
+    return cls.label if cls is not None else str(name)
+
+
+def is_reference(name: Any) -> bool:
+    """Objectives without a β (the cross-entropy baselines): drawn as reference lines, listed first."""
+    cls = _objective(name)
+    return cls is not None and cls.beta_meaning is None
+
+
+def beta_symbol(name: Any) -> str:
+    """β'' for ib, β for vib and nlib: what the objective's `beta` is."""
+    cls = _objective(name)
+    return cls.beta_symbol if cls is not None else "β"
+
+
+def objective_noise_default(name: Any) -> bool:
+    """Whether the objective trains with the zero-entropy noise unless told otherwise (ib)."""
+    cls = _objective(name)
+    return bool(cls is not None and cls.noise_default)
+
+
+def objective_order(name: Any) -> tuple:
+    """Reference objectives first, then the others, each group in the registry's (alphabetical) order, ib first."""
+    return (0 if is_reference(name) else 1, name != "ib", str(name))
+
+
+def unused_fields_of(name: Any) -> tuple[str, ...]:
+    from ibbench.objectives import unused_fields
+
+    return unused_fields(name) if _objective(name) is not None else ()
+
 NOT_IDENTITY = ("seed", *PLACEMENT_FIELDS)
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 ALWAYS_SHOWN = ("objective", "beta", "noise", "k")
@@ -68,11 +108,17 @@ KEY_LABELS = {
 
 CAVEAT = (
     "I[X;Z] = H[Z] comes from the k-nearest-neighbour entropy estimator (Kozachenko–Leonenko / Kraskov et al.) "
-    "on the test latents with the zero-entropy noise added. At high latent dimension (d ≥ 64) its absolute "
+    "on the test latents with the zero-entropy noise ε added. At high latent dimension (d ≥ 64) its absolute "
     "values are biased (10–16 % high in our checks) and not invariant to affine maps of Z, so read them as "
     "relative values: compare runs with the same latent dimension d, sample size N and neighbour rank k, not "
-    "absolute nats across settings. H[Y|Z] is the cross-entropy of a ResFC decoder fitted on the test latents, "
-    "an upper bound on the true conditional entropy."
+    "absolute nats across settings. For a run trained with the noise, Z+ε is the model's own latent and the value "
+    "is its I[X;Z]; a run trained without it has a deterministic latent whose I[X;Z] is infinite, so its value is "
+    "I[X;Z+ε] with the evaluation noise added, marked as such, and the k-NN H[Z] of its noise-free latents is "
+    "listed beside it. H[Y|Z] is cross-fitted: K ResFC probes, each fitted on the other folds of the test latents "
+    "and scored on the fold it never saw, a held-out cross-entropy and so an upper bound on H[Y|Z] in "
+    "expectation; the in-sample value (probes scored on their own training latents, as the paper reports) is "
+    "lower and is given for comparison only. Best epochs are chosen by the validation split (lowest validation "
+    "H[Y|Z]), never by the test set."
 )
 
 ROBUSTNESS_CAVEAT = (
@@ -231,11 +277,13 @@ def prepare_runs(runs: pd.DataFrame) -> PreparedRuns:
                 tuple(v) if isinstance(v, list) else (old if is_missing(v) else v)
                 for v, old in zip(config_frame[name], done[name] if name in done else [None] * len(done), strict=True)
             ]
-    baseline = done["objective"].isin(BASELINE_OBJECTIVES)
-    for name in IB_ONLY:
-        if name in done:
-            done[name] = done[name].astype(object)
-            done.loc[baseline, name] = None
+    # Fields an objective does not read (β'' and k of a CE run) mean nothing for its runs: "–", not a value.
+    for objective, rows in done.groupby("objective"):
+        for name in unused_fields_of(objective):
+            if name in done:
+                done[name] = done[name].astype(object)
+                done.loc[rows.index, name] = None
+    baseline = done["objective"].map(is_reference).astype(bool)
     if "noise" in done:
         done["noise"] = done["noise"].astype(object)
         for _, rows in done[baseline].groupby("objective"):
@@ -246,10 +294,12 @@ def prepare_runs(runs: pd.DataFrame) -> PreparedRuns:
         json.dumps([_plain(row[f]) for f in identity], default=str) for _, row in done[identity].iterrows()
     ]
     shown = [f for f in ALWAYS_SHOWN if f in done]
+    # A field is shown when it takes several values; "–" for the runs whose objective does not read it is no value.
+    configs = done.drop_duplicates("config")
     varying = [
         f
         for f in identity
-        if f not in shown and len({json.dumps(_plain(v), default=str) for v in done.drop_duplicates("config")[f]}) > 1
+        if f not in shown and len({json.dumps(_plain(v), default=str) for v in configs[f] if not is_missing(v)}) > 1
     ]
     return PreparedRuns(done, shown + varying)
 
@@ -265,7 +315,7 @@ def _sort_value(value: Any) -> tuple:
 
 
 def _baseline_first(objective: Any) -> tuple:
-    return (0, BASELINE_OBJECTIVES.index(objective)) if objective in BASELINE_OBJECTIVES else (1, str(objective))
+    return objective_order(objective)
 
 
 def _aggregate(per_run: list[dict], group: Sequence[str], keys: Sequence[str], values: Sequence[str]) -> pd.DataFrame:
@@ -605,11 +655,22 @@ def robustness_table(runs: pd.DataFrame) -> Table:
     )
 
 
-INFOPLANE_VALUES = ("final_i_xz", "final_h_y_given_z", "best_epoch", "best_i_xz", "best_h_y_given_z")
+INFOPLANE_VALUES = ("final_i_xz", "final_h_y_given_z", "final_h_y_given_z_in_sample", "final_h_z_noise_free",
+                    "best_epoch", "best_i_xz", "best_h_y_given_z")  # fmt: skip
+
+
+def best_epoch_row(rows: pd.DataFrame) -> pd.Series | None:
+    """The eval row a run's information plane calls best: the lowest validation H[Y|Z]. None when the run has no
+    validation estimate (older runs): a best epoch is never chosen by the test set."""
+    if "val_h_y_given_z" not in rows:
+        return None
+    h = pd.to_numeric(rows["val_h_y_given_z"], errors="coerce")
+    return rows.loc[h.idxmin()] if h.notna().any() else None
 
 
 def infoplane_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> Table:
-    """Final and best-epoch (lowest H[Y|Z]) I[X;Z] and H[Y|Z] per configuration, mean ± s.e. over seeds."""
+    """Final and best-epoch (lowest validation H[Y|Z]) I[X;Z] and cross-fitted H[Y|Z] per configuration, with the
+    in-sample H[Y|Z] and the noise-free H[Z]; mean ± s.e. over seeds."""
     prep = prepare_runs(runs)
     x, y = "infoplane/i_xz", "infoplane/h_y_given_z"
     per_run = []
@@ -622,35 +683,44 @@ def infoplane_table(runs: pd.DataFrame, metrics: pd.DataFrame) -> Table:
             continue
         rows = rows.sort_values("epoch")
         final = rows.iloc[-1]
-        h = pd.to_numeric(rows[y], errors="coerce")
-        best = rows.loc[h.idxmin()] if h.notna().any() else None
+        best = best_epoch_row(rows)
         per_run.append(
             {
                 "config": run["config"],
                 **{k: run[k] for k in prep.keys},
                 "final_i_xz": to_float(final[x]),
                 "final_h_y_given_z": to_float(final[y]),
+                "final_h_y_given_z_in_sample": to_float(final.get("infoplane/h_y_given_z_in_sample")),
+                "final_h_z_noise_free": to_float(final.get("infoplane/h_z_noise_free")),
                 "best_epoch": to_float(best["epoch"]) if best is not None else math.nan,
                 "best_i_xz": to_float(best[x]) if best is not None else math.nan,
                 "best_h_y_given_z": to_float(best[y]) if best is not None else math.nan,
             }
         )
     frame = _ordered(_aggregate(per_run, ["config"], prep.keys, INFOPLANE_VALUES), prep.keys)
+    noise_free = not frame.empty and "noise" in frame and (frame["noise"] == False).any()  # noqa: E712
     return Table(
         name="infoplane",
         title="Information plane",
         frame=frame,
         keys=list(prep.keys),
         metrics=[
-            Metric("final_i_xz", "final I[X;Z]"),
+            Metric("final_i_xz", "final I[X;Z+ε]"),
             Metric("final_h_y_given_z", "final H[Y|Z]"),
-            Metric("best_epoch", "best epoch", digits=1),
-            Metric("best_i_xz", "best I[X;Z]"),
+            Metric("final_h_y_given_z_in_sample", "final H[Y|Z] in-sample"),
+            Metric("final_h_z_noise_free", "final H[Z] noise-free"),
+            Metric("best_epoch", "best epoch (val)", digits=1),
+            Metric("best_i_xz", "best I[X;Z+ε]"),
             Metric("best_h_y_given_z", "best H[Y|Z]"),
         ],
         note=(
-            "On the test set, in nats: I[X;Z] = H[Z] (k-NN estimate) and H[Y|Z] (ResFC cross-entropy) at the final "
-            "eval epoch and at the best one (lowest H[Y|Z]); mean over seeds ± standard error."
+            "On the test set, in nats: I[X;Z+ε] = H[Z+ε] (k-NN estimate of the latents with the zero-entropy noise ε; "
+            "I[X;Z] itself for runs trained with that noise) and H[Y|Z] cross-fitted (probes scored on latents they "
+            "never saw), with the in-sample H[Y|Z] for comparison with the paper, at the final eval epoch and at the "
+            "best one, chosen by the validation split (lowest validation H[Y|Z]); '–' where a run has no validation "
+            "estimate. H[Z] noise-free: the k-NN estimate of the deterministic latents themselves"
+            + (" (for the runs trained without noise, the value their I[X;Z+ε] stands in for)" if noise_free else "")
+            + "; mean over seeds ± standard error."
         ),
     )
 
@@ -684,7 +754,7 @@ def unfinished_table(runs: pd.DataFrame) -> Table:
                 "sweep": run.get("sweep"),
                 "status": status,
                 "objective": run.get("objective"),
-                "beta": run.get("beta") if run.get("objective") not in BASELINE_OBJECTIVES else None,
+                "beta": run.get("beta") if "beta" not in unused_fields_of(run.get("objective")) else None,
                 "noise": run.get("noise"),
                 "seed": run.get("seed"),
                 "epochs_done": done_text,
@@ -705,13 +775,16 @@ def unfinished_table(runs: pd.DataFrame) -> Table:
     )
 
 
-def fmt_key(column: str, value: Any) -> str:
+def fmt_key(column: str, value: Any, objective: Any = None) -> str:
+    """A key cell's text; with `objective`, a β is written with its objective's symbol (β''=0.1, β=0.001)."""
     if is_missing(value):
         return DASH
     if isinstance(value, (bool, np.bool_)):
         return "yes" if value else "no"
     if column == "objective":
-        return OBJECTIVE_LABELS.get(str(value), str(value))
+        return objective_label(value)
+    if column == "beta" and objective is not None and isinstance(value, (int, float, np.number)):
+        return f"{beta_symbol(objective)}={float(value):g}"
     if isinstance(value, (tuple, list)):
         return ", ".join(str(v) for v in value)
     if isinstance(value, (int, np.integer)):
