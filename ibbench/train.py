@@ -6,6 +6,7 @@ import logging
 import math
 import platform
 import random
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Mapping
@@ -253,11 +254,13 @@ def run(
     run_dir: str | Path,
     report: Reporter | None = None,
     progress: Reporter | None = None,
+    gpu_ids: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train cfg into run_dir and return summary.json's content; resumes from checkpoint.pt, skips when DONE.
 
     report(metrics) is called after each eval epoch (Ray Tune passes tune.report); progress(terms) after every
-    epoch (the CLI's progress bar). A non-finite loss or any error marks the run failed and re-raises.
+    epoch (the CLI's progress bar). gpu_ids: the GPUs the launcher assigned (recorded in the summary). A
+    non-finite loss or any error marks the run failed and re-raises.
     """
     run_dir = Path(run_dir)
     if results.run_state(run_dir) == "done":
@@ -265,7 +268,7 @@ def run(
         log.info("run %s is done already; not training", run_dir.name)
         return summary
     rid = results.run_id(cfg)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     device = pick_device(cfg.device)
     if device.type == "cuda":
         # Fixed input shapes all run long: let cuDNN pick its fastest convolutions once (bitwise GPU
@@ -280,7 +283,8 @@ def run(
         if results.run_state(run_dir) == "done":  # finished by whoever held the lock before us
             return results.read_summary(run_dir) or {}
         results.write_config(run_dir, cfg)
-        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress)
+        placement = {"hostname": socket.gethostname(), "gpu_ids": list(gpu_ids or [])}  # where it ran
+        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, placement)
 
 
 def _train(
@@ -293,6 +297,7 @@ def _train(
     started_at: str,
     report: Reporter | None,
     progress: Reporter | None,
+    placement: dict[str, Any],
 ) -> dict[str, Any]:
     """The body of run(), under the run directory's lock."""
     model = _build(cfg, data, device)
@@ -363,6 +368,7 @@ def _train(
                 "wall_time": wall_before + time.perf_counter() - t0,
                 "started": started_at,
                 "device": str(device),
+                **placement,
                 "versions": _versions(),
                 "git_commit": _git_commit(),
             },
@@ -381,8 +387,9 @@ def _train(
         "robustness": curves,
         "wall_time": wall_before + time.perf_counter() - t0,
         "started": started_at,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "device": str(device),
+        **placement,
         "versions": _versions(),
         "git_commit": _git_commit(),
     }
