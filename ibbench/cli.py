@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import logging
 import re
 import shlex
@@ -113,20 +115,61 @@ STATE_STYLE = {
 }
 
 
-def _plan_table(spec, planned, title: str) -> Table:
-    from ibbench.sweep import varying_fields
+def _duration(seconds) -> str:
+    if not isinstance(seconds, (int, float)) or seconds != seconds:
+        return "–"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
-    fields = varying_fields(planned)
+
+def _config_cell(values: dict, field: str) -> str:
+    """A config value for a table; "–" where the run's objective does not read the field (β'' of a CE run)."""
+    from ibbench.objectives import OBJECTIVES, unused_fields
+
+    objective = values.get("objective")
+    if objective in OBJECTIVES and field in unused_fields(objective):
+        return "–"
+    return _fmt(values.get(field))
+
+
+def _runs_table(title: str, rows: list[dict], fields: list[str], metric: str | None = None) -> Table:
+    """One line per run: run_id, the given config fields, state, and (with a metric) its value and the run's time."""
     table = Table(title=title)
     table.add_column("run_id")
     for name in fields:
         table.add_column(name)
     table.add_column("state")
-    for p in planned:
-        values = p.cfg.to_dict()
-        style = STATE_STYLE.get(p.state, "")
-        table.add_row(p.run_id, *(_fmt(values[f]) for f in fields), f"[{style}]{p.state}[/{style}]")
+    if metric is not None:
+        table.add_column(metric, justify="right")
+        table.add_column("time", justify="right")
+    for row in rows:
+        style = STATE_STYLE.get(row["status"], "")
+        cells = [row["run_id"], *(_config_cell(row, f) for f in fields), f"[{style}]{row['status']}[/{style}]"]
+        if metric is not None:
+            value = row.get(metric)
+            cells += [_fmt(value) if isinstance(value, (int, float)) and value == value else "–",
+                      _duration(row.get("wall_time"))]  # fmt: skip
+        table.add_row(*cells)
     return table
+
+
+def _plan_table(planned, title: str, metric: str | None = None) -> Table:
+    """The runs of a plan with what varies between them; with a metric, each run's value of it and its time."""
+    from ibbench import results
+    from ibbench.sweep import varying_fields
+
+    rows = []
+    for p in planned:
+        row = {**p.cfg.to_dict(), "run_id": p.run_id, "status": p.state}
+        if metric is not None and p.state != "new":
+            latest = results.run_row(p.run_dir)
+            row.update({k: latest.get(k) for k in (metric, "wall_time")})
+        rows.append(row)
+    return _runs_table(title, rows, varying_fields(planned), metric)
 
 
 def _counts(states) -> str:
@@ -147,7 +190,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     if args.dry_run:
         if spec.search is None:
             console.print(
-                _plan_table(spec, planned, f"sweep {spec.name}: {len(planned)} runs in {sweep_dir(spec, out)}")
+                _plan_table(planned, f"sweep {spec.name}: {len(planned)} runs in {sweep_dir(spec, out)}")
             )
         else:
             s = spec.search
@@ -157,7 +200,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
                 f"study so far), {s.mode} {s.metric}, scheduler {s.scheduler}; space: {space}"
             )
             if planned:
-                console.print(_plan_table(spec, planned, "runs so far"))
+                console.print(_plan_table(planned, "runs so far"))
         total = len(planned) if spec.search is None else spec.search.num_samples
         console.print(f"{total} runs: {_counts(p.state for p in planned)}")
         return 0
@@ -178,7 +221,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
     if args.launcher != "local":
         return _submit_slurm(spec, out, args)
     metric, mode = sweep_metric(spec)
-    return _run_local_sweep(spec, out, metric, mode, args.retry_failed)
+    return _run_local_sweep(spec, out, metric, mode, args.retry_failed, args.verbose)
 
 
 def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
@@ -286,9 +329,9 @@ def _print_allocation_outcome(job_id: str, result: str) -> None:
         console.print(f"job {job_id}: {len(outcome['held'])} runs were left to other live jobs holding them")
 
 
-def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool) -> int:
+def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool, verbose: bool = False) -> int:
     from ibbench.launch.local import launch
-    from ibbench.sweep import plan
+    from ibbench.sweep import RAY_SCRATCH, plan
 
     planned = plan(spec, out)
     todo = [p for p in planned if p.state in ("new", "incomplete") or (retry_failed and p.state == "failed")]
@@ -331,7 +374,12 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
             live_state["errors"] += kind == "error"
         live.update(render())
 
-    with Live(render(), console=console, refresh_per_second=2, transient=False) as live:
+    scratch = out / spec.name / RAY_SCRATCH
+    # Ray's own console output goes to a log unless asked for; the live view is ours alone.
+    quiet = contextlib.nullcontext() if verbose else _ray_output_to(scratch / "driver.log")
+    live = Live(render(), console=console, refresh_per_second=2, transient=False, redirect_stdout=False,
+                redirect_stderr=False)  # fmt: skip
+    with quiet, live:
         try:
             outcome = launch(spec, out, retry_failed=retry_failed, on_event=on_event)
         except KeyboardInterrupt:
@@ -342,20 +390,44 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
     if not console.is_terminal:
         console.print()  # Live leaves its last frame without a line end when the output is a file or pipe
     after = plan(spec, out)
-    console.print(_plan_table(spec, after, f"sweep {spec.name}: outcome"))
+    console.print(_plan_table(after, f"sweep {spec.name}: outcome", metric))
     for rid, reason in outcome.reasons.items():
         err_console.print(f"failed: {rid}: {reason} ({outcome.sweep_dir / rid / 'summary.json'})", markup=False)
     if outcome.retried:
         err_console.print(f"retried after their process died: {', '.join(outcome.retried)}", markup=False)
     console.print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} already done; "
                   f"{_counts(outcome.states.values())}")  # fmt: skip
+    if not verbose:
+        console.print(f"Ray's own output and logs: {scratch}/", soft_wrap=True, highlight=False)
     return 0 if outcome.ok else 1
+
+
+@contextlib.contextmanager
+def _ray_output_to(log_path: Path):
+    """Ray's and Ray Tune's console output (their prints, warnings and loggers) into log_path; ours stays put."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    loggers = [logging.getLogger("ray")]
+    saved = [(logger, logger.handlers[:], logger.propagate) for logger in loggers]
+    with open(log_path, "a", buffering=1) as sink:
+        # rich writes to the real streams from here on, whatever sys.stdout becomes.
+        console.file, err_console.file = sys.stdout, sys.stderr
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        try:
+            for logger in loggers:
+                logger.handlers, logger.propagate = [handler], False
+            with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+                yield
+        finally:
+            for logger, handlers, propagate in saved:
+                logger.handlers, logger.propagate = handlers, propagate
+            console.file = err_console.file = None  # follow sys.stdout / sys.stderr again
 
 
 def _status_command(args: argparse.Namespace) -> int:
     from ibbench import results
     from ibbench.config import load_sweep
-    from ibbench.sweep import SPEC_FILE, sweep_metric
+    from ibbench.sweep import OPTUNA_DB, SPEC_FILE, sweep_metric
 
     root = Path(args.dir)
     if not root.is_dir():
@@ -365,30 +437,30 @@ def _status_command(args: argparse.Namespace) -> int:
         console.print(f"{root}: no runs yet")
         return 0
     for sweep_name, frame in runs.groupby("sweep", sort=True):
-        spec_file = Path(frame["path"].iloc[0]).parent / SPEC_FILE
-        metric, mode = ("test_acc/gmm", "max")
-        if spec_file.exists():
-            metric, mode = sweep_metric(load_sweep(spec_file))
+        sweep_folder = Path(frame["path"].iloc[0]).parent
+        spec = load_sweep(sweep_folder / SPEC_FILE) if (sweep_folder / SPEC_FILE).exists() else None
+        metric, mode = sweep_metric(spec) if spec is not None else ("test_acc/gmm", "max")
         console.print(f"[bold]{sweep_name}[/bold]: {len(frame)} runs — {_counts(frame['status'])}")
         if metric in frame:
             ranked = frame[frame[metric].notna()].sort_values(metric, ascending=(mode == "min")).head(args.top)
-            table = Table(title=f"best by {metric} ({mode})")
-            for col in ("run_id", "objective", "beta", "noise", "k", "seed", metric):
-                if col in ranked:
-                    table.add_column(col)
-            for _, row in ranked.iterrows():
-                table.add_row(
-                    *(
-                        _fmt(row[c])
-                        for c in ("run_id", "objective", "beta", "noise", "k", "seed", metric)
-                        if c in ranked
-                    )
-                )
-            console.print(table)
+            fields = [f for f in ("objective", "beta", "noise", "k", "seed") if f in ranked]
+            rows = [{k: (None if _is_nan(v) else v) for k, v in row.items()} for row in ranked.to_dict("records")]
+            console.print(_runs_table(f"best {len(rows)} by {metric} ({mode})", rows, fields, metric))
+        else:
+            console.print(f"no run reports {metric} yet")
         failed = frame[frame["status"] == "failed"]
         for _, row in failed.iterrows():
-            console.print(f"[red]failed[/red] {row['run_id']}: {row.get('reason', '?')}")
+            console.print(f"[red]failed[/red] {row['run_id']}: {row.get('reason', '?')}", soft_wrap=True)
+        if spec is not None and spec.search is not None:
+            db = (sweep_folder / OPTUNA_DB).resolve()
+            console.print(f"the Optuna study: optuna-dashboard sqlite:///{db}", soft_wrap=True)
+            if importlib.util.find_spec("optuna_dashboard") is None:
+                console.print("  (optuna-dashboard is not installed: pip install 'ibbench[dashboard]')")
     return 0
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and value != value
 
 
 def _report_command(args: argparse.Namespace) -> int:
@@ -419,7 +491,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweeps and benchmarks for information-bottleneck training with a k-NN entropy estimator.",
     )
     parser.add_argument("--version", action="version", version=f"ibbench {package_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages, and let Ray and Ray Tune print their own output")  # fmt: skip
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="train one run (resumes an interrupted one)")

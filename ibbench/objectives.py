@@ -35,6 +35,9 @@ class Objective(nn.Module):
     """Base class: `forward(z, y) -> {"loss": scalar, ...}`; `logits(z)` when the objective has a head."""
 
     has_head: bool = False
+    # RunConfig fields the objective itself reads (beyond those every run uses): elsewhere they mean nothing,
+    # and tables show "–" for them.
+    fields: tuple[str, ...] = ()
 
     def __init__(self, settings: ObjectiveSettings):
         super().__init__()
@@ -56,6 +59,8 @@ def ib_terms(z: torch.Tensor, y: torch.Tensor, beta: float, k: int = 1) -> dict[
 @OBJECTIVES.register("ib")
 class IB(Objective):
     """min H[Z|Y] + (β'' − 1) H[Z]: minimising H[Y|Z] + β'' H[Z] up to the constant H[Y], no decoder needed."""
+
+    fields = ("beta", "k")
 
     def __init__(self, settings: ObjectiveSettings):
         super().__init__(settings)
@@ -94,6 +99,8 @@ class CrossEntropyDropConnect(CrossEntropy):
     network) instead of Wan et al.'s Gaussian moment matching at inference.
     """
 
+    fields = ("dropconnect",)
+
     def __init__(self, settings: ObjectiveSettings):
         super().__init__(settings)
         if not 0.0 <= settings.dropconnect < 1.0:
@@ -105,6 +112,13 @@ class CrossEntropyDropConnect(CrossEntropy):
             return self.head(z)
         keep = torch.rand_like(self.head.weight) >= p
         return F.linear(z, self.head.weight * keep / (1.0 - p), self.head.bias)
+
+
+def unused_fields(name: str) -> tuple[str, ...]:
+    """Objective-specific RunConfig fields that objective `name` does not read (shown as "–" for its runs)."""
+    own = set(OBJECTIVES.get(name).fields)
+    every = dict.fromkeys(f for n in OBJECTIVES.names() for f in OBJECTIVES.get(n).fields)
+    return tuple(f for f in every if f not in own)
 
 
 def make_objective(name: str, settings: ObjectiveSettings) -> Objective:

@@ -209,7 +209,8 @@ def iter_run_dirs(root: Path) -> Iterator[Path]:
             yield from iter_run_dirs(child)
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
+def run_row(run_dir: Path) -> dict[str, Any]:
+    """One run as a flat row: config fields, status, latest metrics (final when done), robustness columns."""
     row: dict[str, Any] = {"run_id": run_dir.name, "sweep": run_dir.parent.name, "path": str(run_dir)}
     try:
         row.update(read_json(run_dir / CONFIG))
@@ -219,13 +220,17 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
     row["status"] = state
     summary = read_summary(run_dir) or {}
     if state == "done":
-        for key, value in (summary.get("final") or {}).items():
-            if key not in ("run_id", "epoch"):
-                # A metric named like a config field (the final "lr") must not overwrite the configured value.
-                row[f"final/{key}" if key in row else key] = value
-    elif state == "incomplete":
+        latest = summary.get("final") or {}
+    else:  # incomplete, failed or stopped: the last evaluation so far (reports use done runs only)
         metrics = read_metrics(run_dir)
+        latest = metrics[-1] if metrics else {}
         row["epochs_done"] = max((int(m.get("epoch", 0)) for m in metrics), default=0)
+        if "time" in latest:
+            row["wall_time"] = latest["time"]
+    for key, value in latest.items():
+        if key not in ("run_id", "epoch", "time"):
+            # A metric named like a config field (the final "lr") must not overwrite the configured value.
+            row[f"final/{key}" if key in row else key] = value
     for key in ("reason", "wall_time", "epochs_done"):
         if key in summary:
             row[key] = summary[key]
@@ -246,7 +251,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 
 def load_runs(root: Path | str) -> pd.DataFrame:
     """One row per run below root: run_id, sweep, path, status, config fields, final metrics, reason."""
-    return _frame([_run_row(d) for d in iter_run_dirs(Path(root))])
+    return _frame([run_row(d) for d in iter_run_dirs(Path(root))])
 
 
 def load_metrics(root: Path | str) -> pd.DataFrame:

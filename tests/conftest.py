@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import pickle
+import shutil
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -57,3 +61,48 @@ def cifar10_dir(tmp_path: Path) -> Path:
     with open(folder / "batches.meta", "wb") as f:
         pickle.dump(meta, f, protocol=2)
     return tmp_path
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _slurm_status() -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm/local/status.sh")], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local one-node SLURM from slurm/local/: started here, as .ci/run does, when it is not up and this
+    machine allows it (root, Debian packages installable); otherwise the SLURM tests skip with one line why."""
+    if shutil.which("sbatch") is not None and _slurm_status().returncode == 0:
+        return
+    reason = None
+    if os.geteuid() != 0:
+        reason = "not root, so slurm/local/start.sh cannot start the local SLURM"
+    elif shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
+        reason = "no apt-get to install SLURM's Debian packages"
+    else:
+        started = subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], capture_output=True, text=True,
+                                 stdin=subprocess.DEVNULL, timeout=900)  # fmt: skip
+        if started.returncode == 0:
+            return
+        lines = (started.stderr or started.stdout).strip().splitlines()
+        reason = "slurm/local/start.sh failed: " + (lines[-1] if lines else f"exit {started.returncode}")
+    if os.environ.get("CI"):
+        pytest.fail(f"CI needs the local SLURM: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def ray_runtime(tmp_path_factory):
+    """One Ray runtime for the whole test session (ray.init costs seconds), its files under pytest's temp folder."""
+    import ray
+
+    from ibbench.launch.local import init_ray
+
+    # Short: Ray's socket paths below it may not exceed 107 bytes.
+    temp_dir = Path(tempfile.mkdtemp(prefix="ray-", dir=tmp_path_factory.getbasetemp()))
+    init_ray(num_cpus=2, temp_dir=temp_dir)
+    yield temp_dir
+    ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -1,8 +1,6 @@
 """SLURM launchers against the real one-node SLURM from slurm/local/ (started by .ci/run): no mocks."""
 
 import hashlib
-import os
-import shutil
 import subprocess
 import threading
 import time
@@ -23,18 +21,9 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[1]
 
 
-def slurm_up() -> bool:
-    if shutil.which("sbatch") is None:
-        return False
-    return subprocess.run(["bash", str(REPO / "slurm/local/status.sh")], capture_output=True).returncode == 0
-
-
 @pytest.fixture(scope="module", autouse=True)
-def local_slurm():
-    if not slurm_up():
-        if os.environ.get("CI"):
-            pytest.fail("CI must start the local SLURM (slurm/local/start.sh) before the tests")
-        pytest.skip("no local SLURM: start it with `bash slurm/local/start.sh`")
+def local_slurm(slurm_cluster):
+    """Every test here submits to the local SLURM (started by the session fixture where it can be)."""
 
 
 TINY = TINY_RUN

@@ -16,22 +16,11 @@ from tiny import TINY_RUN
 from ibbench import results
 from ibbench.cli import main
 from ibbench.config import load_sweep
-from ibbench.launch.local import init_ray
 from ibbench.sweep import OPTUNA_DB, expand, plan, run_sweep
 
 pytestmark = pytest.mark.slow
 
 TINY_BASE = TINY_RUN
-
-
-@pytest.fixture(scope="session")
-def ray_runtime():
-    """One Ray runtime for the whole test session (ray.init costs seconds)."""
-    import ray
-
-    init_ray(num_cpus=2)
-    yield
-    ray.shutdown()
 
 
 def write_spec(path: Path, **spec) -> Path:
@@ -75,7 +64,12 @@ def test_grid_sweep_completes_and_a_rerun_trains_nothing(tmp_path, ray_runtime, 
     frame = results.load_runs(tmp_path / "out")
     assert len(frame) == 3 and set(frame["status"]) == {"done"}
     assert main(["status", str(tmp_path / "out" / "four")]) == 0
-    assert "3 done" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "3 done" in status and "test_acc/gmm" in status and "time" in status
+    ce_row = next(line for line in status.splitlines() if " ce " in line)
+    assert "–" in ce_row  # β'' and k mean nothing for the baseline
+    accuracy = results.read_summary(next(p.run_dir for p in plan(spec, tmp_path / "out")))["final"]["test_acc/gmm"]
+    assert f"{accuracy:.4g}" in status
 
 
 def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runtime, capsys):
@@ -98,7 +92,7 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
     assert "2 done" in captured.out and "2 failed" in captured.out
 
 
-def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime):
+def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
     search = {
         "algorithm": "optuna",
         "num_samples": 4,
@@ -121,6 +115,9 @@ def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime):
     study = optuna.load_study(study_name="opt", storage=storage)
     assert len(study.trials) == 6 and len(outcome.trained) == 2
     assert 0.0 <= study.best_value <= 1.0
+    assert main(["status", str(out / "opt")]) == 0
+    text = capsys.readouterr().out
+    assert f"optuna-dashboard sqlite:///{(out / 'opt' / OPTUNA_DB).resolve()}" in text.replace("\n", "")
 
 
 def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
