@@ -244,12 +244,11 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
     root = sweep_dir(spec, out)
     if submission.live_driver:
         console.print(f"sweep {spec.name}: live SLURM job {submission.live_driver} is driving this search; not "
-                      f"starting a second driver (follow with: ibbench status {root})")  # fmt: skip
+                      f"starting a second driver (follow with: ibbench status {root})", soft_wrap=True)  # fmt: skip
         return 0
     if submission.skipped_active:
-        console.print(
-            f"{len(submission.skipped_active)} runs are covered by jobs still queued or running; not resubmitted"
-        )
+        console.print(f"{len(submission.skipped_active)} runs are covered by jobs still queued or running; not "
+                      "resubmitted", soft_wrap=True)  # fmt: skip
     if not submission.jobs:
         console.print(f"sweep {spec.name}: nothing to submit — {_counts(p.state for p in plan(spec, out))}")
         return 0
@@ -320,13 +319,15 @@ def _print_allocation_outcome(job_id: str, result: str) -> None:
         return
     joined, nodes = outcome.get("nodes_joined"), outcome.get("nodes")
     if joined is not None and nodes and joined < nodes:
-        err_console.print(f"job {job_id}: only {joined} of {nodes} nodes joined the Ray cluster", markup=False)
+        err_console.print(f"job {job_id}: only {joined} of {nodes} nodes joined the Ray cluster", soft_wrap=True)
     if outcome.get("lost_nodes"):
+        retried = outcome.get("retried") or []
         err_console.print(f"job {job_id}: node(s) lost mid-sweep: {', '.join(outcome['lost_nodes'])}; "
-                          f"{len(outcome.get('retried') or [])} trial(s) retried on the remaining nodes: "
-                          f"{', '.join(outcome.get('retried') or []) or '–'}", markup=False)  # fmt: skip
+                          f"{len(retried)} trial(s) retried on the remaining nodes: {', '.join(retried) or '–'}",
+                          markup=False, soft_wrap=True)  # fmt: skip
     if outcome.get("held"):
-        console.print(f"job {job_id}: {len(outcome['held'])} runs were left to other live jobs holding them")
+        console.print(f"job {job_id}: {len(outcome['held'])} runs were left to other live jobs holding them",
+                      soft_wrap=True)  # fmt: skip
 
 
 def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool, verbose: bool = False) -> int:
@@ -394,7 +395,7 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
     for rid, reason in outcome.reasons.items():
         err_console.print(f"failed: {rid}: {reason} ({outcome.sweep_dir / rid / 'summary.json'})", markup=False)
     if outcome.retried:
-        err_console.print(f"retried after their process died: {', '.join(outcome.retried)}", markup=False)
+        err_console.print(f"retried after their process died: {', '.join(outcome.retried)}", soft_wrap=True)
     console.print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} already done; "
                   f"{_counts(outcome.states.values())}")  # fmt: skip
     if not verbose:

@@ -25,7 +25,8 @@ from typing import Any
 
 from ibbench import results
 from ibbench.config import ClusterConfig, ConfigError, RunConfig, SweepSpec, load_cluster
-from ibbench.sweep import PlannedRun, plan, run_sweep, sweep_dir, write_spec
+from ibbench.launch.local import keep_ray_logs
+from ibbench.sweep import RAY_SCRATCH, PlannedRun, plan, run_sweep, sweep_dir, write_spec
 
 __all__ = ["AllocationJob", "ClusterConfig", "RunJob", "SlurmError", "Submission", "load_cluster", "submit"]
 
@@ -223,7 +224,12 @@ def _wait_for_head(path: Path, timeout_s: float) -> dict[str, Any]:
 
 
 class AllocationJob:
-    """One allocation, one task per node: task 0 runs a Ray head and the sweep driver, the others join as workers."""
+    """One allocation of `nodes` nodes. Its job step runs on the first node: a Ray head and the sweep driver, which
+    starts one more job step per other node, a Ray worker (run_worker) joining the head.
+
+    Separate steps, because SLURM ends a whole step when one of its nodes fails: a lost worker node then ends
+    only its own step, and the head (in a job submitted with --no-kill) goes on with the nodes left.
+    """
 
     def __init__(self, spec: SweepSpec, out: str, retry_failed: bool, cluster: ClusterConfig):
         self.spec, self.out, self.retry_failed, self.cluster = spec, out, retry_failed, cluster
@@ -236,23 +242,14 @@ class AllocationJob:
         info = head_file(sweep_dir(self.spec, Path(self.out)) / SLURM_DIR, env.job_id, restart)
         nodes = list(env.hostnames)
         me = os.environ.get("SLURMD_NODENAME") or env.hostname
-        peers = [n for n in nodes if n != me]
-        if env.global_rank == 0:
-            return self._head(info, me, peers, env.job_id, restart)
-        return self._worker(info, me, peers)
-
-    def _ray_start(self, args: list[str], env: dict[str, str], temp_dir: str) -> subprocess.Popen:
-        resources = [f"--num-cpus={self.cluster.cpus_per_node}", f"--num-gpus={self.cluster.gpus_per_node}"]
-        cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
-               f"--temp-dir={temp_dir}", *resources, *args]  # fmt: skip
-        # Its own session: stopping it must stop this job's Ray processes only, never another user's.
-        return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stdout, stderr=sys.stderr)
+        return self._head(info, me, [n for n in nodes if n != me], env.job_id, restart)
 
     def _head(self, info: Path, me: str, peers: list[str], job_id: str, restart: int) -> str:
         token = secrets.token_hex(16)
         single = not peers
         env = _ray_env(single, token)
-        # Ray reads these once, at import: the driver's environment is set before ray is imported here.
+        # Ray reads these once, at import: the driver's environment is set before ray is imported here. The
+        # workers' steps inherit them too.
         os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
                            if k in env})  # fmt: skip
         import ray
@@ -261,24 +258,25 @@ class AllocationJob:
         # A fresh private folder (never a predictable name in the shared /tmp); short, since Ray's socket paths
         # must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
-        head, address, error = None, None, None
+        head, address, error, workers = None, None, None, {}
         try:
             host = "127.0.0.1" if single else node_address(me, peers)
             ports, port = _ray_ports()
-            head = self._ray_start(["--head", "--include-dashboard=false", f"--node-ip-address={host}",
-                                    f"--port={port}", *ports], env, temp_dir)  # fmt: skip
+            args = ["--head", "--include-dashboard=false", f"--node-ip-address={host}", f"--port={port}", *ports]
+            head = _ray_start(args, env, temp_dir, self.cluster.cpus_per_node, self.cluster.gpus_per_node)
             address = f"{host}:{port}"
             _write_private_json(info, {"address": address, "token": token, "finished": False, "node": me})
-            for old in info.parent.glob(f"ray-{job_id}-*"):  # earlier attempts' heads (and workers) are gone
+            for old in info.parent.glob(f"ray-{job_id}-*"):  # earlier attempts' heads are gone
                 attempt = old.name.removeprefix(f"ray-{job_id}-").split(".")[0]
                 if attempt.isdigit() and int(attempt) != restart:
                     old.unlink(missing_ok=True)
             deadline = time.monotonic() + HEAD_WAIT_S
             _wait_for_port(host, port, head, deadline)
+            workers = {peer: self._start_worker(info, peer, [me, *peers], job_id) for peer in peers}
             # _node_ip_address: the driver must use the head's address too (Ray reads its loopback switch at
             # import time, before this job could set it).
             ray.init(address=address, _node_ip_address=host, log_to_driver=False, configure_logging=False)
-            joined = _wait_for_nodes(ray, info, len(peers) + 1, deadline)
+            joined = _wait_for_nodes(ray, list(workers.values()), len(peers) + 1, deadline)
             if joined < len(peers) + 1:
                 log.warning("only %d of %d nodes joined the Ray cluster; the sweep runs on those",
                             joined, len(peers) + 1)  # fmt: skip
@@ -302,29 +300,21 @@ class AllocationJob:
                                        **({"error": error} if error else {})})  # fmt: skip
             if ray.is_initialized():
                 ray.shutdown()
+            for step in workers.values():
+                _end_step(step)
             if head is not None:
                 _stop(head)
-            shutil.rmtree(temp_dir, ignore_errors=True)
+            keep_ray_logs(temp_dir, root / RAY_SCRATCH, f"logs-{me}-")
 
-    def _worker(self, info: Path, me: str, peers: list[str]) -> str:
-        head = _wait_for_head(info, 2 * HEAD_WAIT_S)
-        if head.get("finished"):
-            return f"worker: the head had finished already ({head.get('error') or 'done'})"
-        ip = node_address(me, peers)
-        temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
-        worker = self._ray_start([f"--address={head['address']}", f"--node-ip-address={ip}", *_ray_ports()[0]],
-                                 _ray_env(False, head["token"]), temp_dir)  # fmt: skip
-        try:
-            while not (finished := (_read_head(info) or {}).get("finished")) and worker.poll() is None:
-                time.sleep(2)
-        finally:
-            _stop(worker)
-            shutil.rmtree(temp_dir, ignore_errors=True)
-        if not finished:
-            # Tell the head, which would otherwise wait for this node until its deadline.
-            _worker_failed(info, me).write_text(f"`ray start` exited with code {worker.returncode}\n")
-            raise SlurmError(f"node {me}: `ray start` exited with code {worker.returncode} before the sweep ended")
-        return "worker done"
+    def _start_worker(self, info: Path, node: str, nodes: list[str], job_id: str) -> subprocess.Popen:
+        """A job step of one task on `node`: a Ray worker that joins this attempt's head (run_worker)."""
+        log_file = info.parent / job_id / f"{job_id}_worker_{node}.log"
+        code = "import sys; from ibbench.launch.slurm import run_worker; run_worker(*sys.argv[1:])"
+        resources = [str(self.cluster.cpus_per_node), str(self.cluster.gpus_per_node)]
+        cmd = ["srun", "--nodes=1", "--ntasks=1", f"--nodelist={node}", "--kill-on-bad-exit=0", "--unbuffered",
+               f"--output={log_file}", sys.executable, "-u", "-c", code, str(info), ",".join(nodes),
+               *resources]  # fmt: skip
+        return subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
 
     def checkpoint(self):
         """Requeue on timeout/preemption: the sweep resumes from the run directories."""
@@ -333,19 +323,65 @@ class AllocationJob:
         return submitit.helpers.DelayedSubmission(AllocationJob(self.spec, self.out, self.retry_failed, self.cluster))
 
 
+def run_worker(info: str, nodes: str, cpus: str, gpus: str) -> None:
+    """A worker node's job step: wait for this attempt's head file, run a Ray worker until the head finishes."""
+    # SLURM's time-limit warning (USR2) is for the head's submitit, which requeues the whole job; here, and in the
+    # Ray processes started below (which inherit the ignored signal), it must not end the node early.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+    path = Path(info)
+    me = os.environ.get("SLURMD_NODENAME") or socket.gethostname()
+    head = _wait_for_head(path, HEAD_WAIT_S)
+    if head.get("finished"):
+        log.warning("the head had finished already (%s)", head.get("error") or "done")
+        return
+    ip = node_address(me, [n for n in nodes.split(",") if n != me])
+    temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
+    worker = _ray_start([f"--address={head['address']}", f"--node-ip-address={ip}", *_ray_ports()[0]],
+                        _ray_env(False, head["token"]), temp_dir, int(cpus), int(gpus))  # fmt: skip
+    try:
+        while not (finished := (_read_head(path) or {}).get("finished")) and worker.poll() is None:
+            time.sleep(2)
+    finally:
+        _stop(worker)
+        keep_ray_logs(temp_dir, path.parent.parent / RAY_SCRATCH, f"logs-{me}-")
+    if not finished:
+        raise SlurmError(f"node {me}: `ray start` exited with code {worker.returncode} before the sweep ended")
+
+
+def _ray_start(args: list[str], env: dict[str, str], temp_dir: str, cpus: int, gpus: int) -> subprocess.Popen:
+    """`ray start --block` for one node with `cpus` CPUs and `gpus` GPUs declared."""
+    cmd = [str(Path(sys.executable).parent / "ray"), "start", "--block", "--disable-usage-stats",
+           f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", *args]  # fmt: skip
+    # Its own session: stopping it must stop this job's Ray processes only, never another user's. SLURM's
+    # time-limit warning (USR2) is for submitit: Ray ignores it and runs on until the job is requeued.
+    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stdout, stderr=sys.stderr,
+                            preexec_fn=_ignore_usr2)  # fmt: skip
+
+
+def _ignore_usr2() -> None:
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _end_step(step: subprocess.Popen, grace_s: float = 30) -> None:
+    """Wait for a worker's job step to end (it does once it reads the finished head file), else stop its srun."""
+    try:
+        step.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        step.terminate()  # srun passes SIGTERM on to the step's task
+        try:
+            step.wait(15)
+        except subprocess.TimeoutExpired:
+            step.kill()
+
+
 def _alive_nodes(ray) -> int:
     return sum(bool(n["Alive"]) for n in ray.nodes())
 
 
-def _worker_failed(info: Path, node: str) -> Path:
-    """The file a worker leaves beside its attempt's head file when its Ray node could not start or stay up."""
-    return info.with_name(f"{info.stem}.{node}.failed")
-
-
-def _wait_for_nodes(ray, info: Path, expected: int, deadline: float) -> int:
-    """Until `expected` Ray nodes are alive, or every missing one has reported failing, or the deadline."""
+def _wait_for_nodes(ray, workers: list[subprocess.Popen], expected: int, deadline: float) -> int:
+    """Until `expected` Ray nodes are alive, or every missing one's job step has ended, or the deadline."""
     while (alive := _alive_nodes(ray)) < expected and time.monotonic() < deadline:
-        if alive + len(list(info.parent.glob(f"{info.stem}.*.failed"))) >= expected:
+        if alive + sum(w.poll() is not None for w in workers) >= expected:
             break
         time.sleep(1)
     return alive
@@ -553,6 +589,8 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
                 tasks_per_node=1,
                 cpus_per_task=cluster.cpus_per_node,
                 gpus_per_node=cluster.gpus_per_node,
+                # submitit's step: the head, on the first node only; it starts the workers' steps itself.
+                slurm_srun_args=["--nodes=1", "--ntasks=1"],
             )
             if cluster.nodes > 1:
                 # SLURM ends a whole job when one of its nodes fails; --no-kill keeps the Ray head (and the
