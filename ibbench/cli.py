@@ -264,11 +264,12 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
         polled = time.monotonic()
         while True:
             if time.monotonic() - polled > 10:
-                # One sacct call for all jobs every 10 s: a job that ended without every task's result file (a
-                # lost node's worker) is seen at once, not after submitit's own back-off of up to a minute.
+                # One sacct call for all jobs every 10 s: a job that ended without its result file (killed, or
+                # failed outside Python) is seen then, not after submitit's own back-off of up to a minute.
                 submission.jobs[0].watcher.update()
                 polled = time.monotonic()
-            finished = [j for j in submission.jobs if j.done()]
+            # An allocation is over when its head (task 0) is: the sweep's outcome is its result.
+            finished = [j for j in submission.jobs if (j.task(0) if j.num_tasks > 1 else j).done()]
             states = [p.state for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
             live.update(f"jobs {len(finished)}/{len(ids)} ended — runs: {_counts(states)}")
             if len(finished) == len(ids):

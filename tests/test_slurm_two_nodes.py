@@ -124,7 +124,7 @@ def test_a_two_node_sweep_trains_on_both_nodes_skips_held_runs_and_a_requeue_tra
                  "--out", str(out)]) == 0  # fmt: skip
     root = out / "two"
     (held_job,) = ledger_jobs(root)
-    spec_path = write_spec(tmp_path, name="two", base=LONG, grid={"epochs": [10, 11, 60, 20]})
+    spec_path = write_spec(tmp_path, name="two", base=LONG, grid={"epochs": [10, 11, 30, 20]})
     argv = two_node_sweep(tmp_path, spec_path, out)
     try:
         sweep = Sweep(argv)
@@ -186,7 +186,7 @@ def test_a_worker_node_lost_mid_sweep_has_its_trials_retried_on_the_other(tmp_pa
     node. The allocation (submitted with --no-kill) goes on; Ray Tune retries nodeB's trial on nodeA, which
     resumes it from its checkpoint; the sweep completes and says which node was lost and which runs retried."""
     out = tmp_path / "out"
-    spec_path = write_spec(tmp_path, name="loss", base=LONG, grid={"epochs": [40, 41]})
+    spec_path = write_spec(tmp_path, name="loss", base=LONG, grid={"epochs": [30, 31]})
     argv = two_node_sweep(tmp_path, spec_path, out)
     root = out / "loss"
     runs = plan(load_sweep(spec_path), out)

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import ipaddress
 import json
 import logging
@@ -463,7 +465,7 @@ def _submission_error(cluster: ClusterConfig, exc: Exception) -> ConfigError:
         text = text.decode(errors="replace")
     lines = [line.strip() for line in text.splitlines() if "error" in line.lower()] or [text.strip()]
     message = lines[0].removeprefix("sbatch: error: ")
-    field = "partition" if "partition" in message.lower() else "account" if "account" in message.lower() else "(sbatch)"
+    field = "account" if "account" in message.lower() else "partition" if "partition" in message.lower() else "(sbatch)"
     return ConfigError(cluster.source, field, f"SLURM refused the job: {message}")
 
 
@@ -573,31 +575,33 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
     root.mkdir(parents=True, exist_ok=True)
     executor = _executor(spec, out, cluster)
     try:
-        if launcher == "slurm-array":
-            executor.update_parameters(
-                cpus_per_task=max(1, math.ceil(spec.resources.cpu)),
-                gpus_per_node=math.ceil(spec.resources.gpu),
-                slurm_array_parallelism=cluster.array_parallelism,
-                tasks_per_node=1,
-            )
-            job = RunJob(max(1, math.ceil(spec.resources.cpu)), retry_failed)
-            jobs = executor.map_array(job, [p.cfg.to_dict() for p in todo], [str(p.run_dir) for p in todo])
-            _record(root, [(j.job_id, "array", [p.run_id]) for j, p in zip(jobs, todo, strict=True)])
-        else:
-            executor.update_parameters(
-                nodes=cluster.nodes,
-                tasks_per_node=1,
-                cpus_per_task=cluster.cpus_per_node,
-                gpus_per_node=cluster.gpus_per_node,
-                # submitit's step: the head, on the first node only; it starts the workers' steps itself.
-                slurm_srun_args=["--nodes=1", "--ntasks=1"],
-            )
-            if cluster.nodes > 1:
-                # SLURM ends a whole job when one of its nodes fails; --no-kill keeps the Ray head (and the
-                # sweep) going on the nodes left, which retry the lost node's trials.
-                executor.update_parameters(slurm_additional_parameters={"no_kill": True, **dict(cluster.sbatch)})
-            jobs = [executor.submit(AllocationJob(spec, str(Path(out).resolve()), retry_failed, cluster))]
-            _record(root, [(jobs[0].job_id, "allocation", [p.run_id for p in todo])])
+        # submitit prints sbatch's refusal to stderr; the error raised below holds it, as one line
+        with contextlib.redirect_stderr(io.StringIO()):
+            if launcher == "slurm-array":
+                executor.update_parameters(
+                    cpus_per_task=max(1, math.ceil(spec.resources.cpu)),
+                    gpus_per_node=math.ceil(spec.resources.gpu),
+                    slurm_array_parallelism=cluster.array_parallelism,
+                    tasks_per_node=1,
+                )
+                job = RunJob(max(1, math.ceil(spec.resources.cpu)), retry_failed)
+                jobs = executor.map_array(job, [p.cfg.to_dict() for p in todo], [str(p.run_dir) for p in todo])
+                _record(root, [(j.job_id, "array", [p.run_id]) for j, p in zip(jobs, todo, strict=True)])
+            else:
+                executor.update_parameters(
+                    nodes=cluster.nodes,
+                    tasks_per_node=1,
+                    cpus_per_task=cluster.cpus_per_node,
+                    gpus_per_node=cluster.gpus_per_node,
+                    # submitit's step: the head, on the first node only; it starts the workers' steps itself.
+                    slurm_srun_args=["--nodes=1", "--ntasks=1"],
+                )
+                if cluster.nodes > 1:
+                    # SLURM ends a whole job when one of its nodes fails; --no-kill keeps the Ray head (and the
+                    # sweep) going on the nodes left, which retry the lost node's trials.
+                    executor.update_parameters(slurm_additional_parameters={"no_kill": True, **dict(cluster.sbatch)})
+                jobs = [executor.submit(AllocationJob(spec, str(Path(out).resolve()), retry_failed, cluster))]
+                _record(root, [(jobs[0].job_id, "allocation", [p.run_id for p in todo])])
     except (ConfigError, SlurmError):
         raise
     except Exception as exc:  # submitit wraps sbatch's refusal
