@@ -22,7 +22,7 @@ from tiny import TINY_RUN
 from ibbench import results
 from ibbench.cli import main
 from ibbench.config import load_sweep
-from ibbench.launch.slurm import LEDGER, SLURM_DIR
+from ibbench.launch.slurm import LEDGER, SLURM_DIR, SlurmError, node_address
 from ibbench.sweep import SPEC_FILE, plan
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -307,3 +307,14 @@ def test_a_live_search_sweep_gets_no_second_driver(tmp_path, capsys):
         assert ledger_jobs(out / "srch") == [job]
     finally:
         subprocess.run(["scancel", job], check=False)
+
+
+def test_the_head_address_is_where_slurm_reaches_the_node_never_127_0_0_1():
+    """nodeA and nodeB: their NodeAddr, which SLURM itself uses (distinct loopback addresses, one machine); the
+    `debug` node's NodeAddr is 127.0.0.1, which no other node could reach: one line, no address."""
+    assert node_address("nodeA", ["nodeB"]) == "127.0.0.2"
+    assert node_address("nodeB", ["nodeA"]) == "127.0.0.3"
+    debug = subprocess.run(["sinfo", "-h", "-p", "debug", "-o", "%N"], capture_output=True, text=True).stdout.strip()
+    with pytest.raises(SlurmError, match=r"^node \S+: no address the other nodes can reach .*127\.0\.0\.1") as err:
+        node_address(debug, ["nodeA"])
+    assert "\n" not in str(err.value)
