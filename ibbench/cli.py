@@ -139,12 +139,12 @@ def _config_cell(values: dict, field: str) -> str:
 def _runs_table(title: str, rows: list[dict], fields: list[str], metric: str | None = None) -> Table:
     """One line per run: run_id, the given config fields, state, and (with a metric) its value and the run's time."""
     table = Table(title=title)
-    table.add_column("run_id")
+    table.add_column("run_id", no_wrap=True, min_width=12)  # ids are what users copy: never cut them
     for name in fields:
         table.add_column(name)
     table.add_column("state")
     if metric is not None:
-        table.add_column(metric, justify="right")
+        table.add_column(metric, justify="right", overflow="fold")
         table.add_column("time", justify="right")
     for row in rows:
         style = STATE_STYLE.get(row["status"], "")
@@ -332,7 +332,7 @@ def _print_allocation_outcome(job_id: str, result: str) -> None:
 
 
 def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool, verbose: bool = False) -> int:
-    from ibbench.launch.local import launch
+    from ibbench.launch.local import launch, preflight
     from ibbench.sweep import RAY_SCRATCH, plan
 
     planned = plan(spec, out)
@@ -347,7 +347,7 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
         table.add_column("trial")
         table.add_column("run_id")
         table.add_column("epoch", justify="right")
-        table.add_column(metric, justify="right")
+        table.add_column(metric, justify="right", overflow="fold")
         for trial, info in sorted(live_state["running"].items()):
             table.add_row(trial, info.get("run_id", "…"), _fmt(info.get("epoch")), _fmt(info.get(metric)))
         best = live_state["best"]
@@ -376,6 +376,7 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
             live_state["errors"] += kind == "error"
         live.update(render())
 
+    preflight(spec)
     scratch = out / spec.name / RAY_SCRATCH
     # Ray's own console output goes to a log unless asked for; the live view is ours alone.
     quiet = contextlib.nullcontext() if verbose else _ray_output_to(scratch / "driver.log")

@@ -51,9 +51,9 @@ class RunConfig:
     download: bool = False  # fetch missing data; off so offline machines fail fast with a clear error
     encoder: str = "resnet18"  # an ENCODERS name; the paper's deterministic ResNet18
     latent_dim: int = 256  # width of Z; the paper's K = 256
-    objective: str = "ib"  # an OBJECTIVES name: ib, or the ce / ce_dropconnect baselines
-    beta: float = 0.1  # β'' in [0, 1) of H[Z|Y] + (β''−1) H[Z]; small β'' keeps accuracy (paper fig. 3)
-    noise: bool = True  # add zero-entropy noise N(0, I/2πe) to Z while training; without it H[Z] is unbounded
+    objective: str = "ib"  # an OBJECTIVES name: ib, vib, nlib, or the ce / ce_dropconnect baselines
+    beta: float = 0.1  # ib: β'' in [0, 1), small keeps accuracy (paper fig. 3); vib, nlib: β ≥ 0 (see objectives)
+    noise: bool | None = None  # zero-entropy noise N(0, I/2πe) on Z in training; None: the objective's (ib: on)
     k: int = 1  # neighbour rank of the k-NN estimator; each class needs more than k samples per batch
     decoders: tuple[str, ...] = ("gmm",)  # DECODERS fitted on frozen latents at each evaluation
     epochs: int = 150  # the paper's schedule
@@ -61,6 +61,11 @@ class RunConfig:
     lr: float = 5e-4  # Adam learning rate, the paper's 0.5e-3
     lr_patience: int = 10  # epochs of plateau before the LR is multiplied by √0.1, as in the paper
     dropconnect: float = 0.5  # weight-drop rate of the ce_dropconnect head (Wan et al., 2013)
+    dropconnect_per_example: bool = False  # one DropConnect mask per example (Wan et al.) rather than per batch
+    vib_samples: int = 1  # vib: reparameterised samples per input in the loss; 1 is Alemi et al.'s estimate
+    nlib_noise_var: float = 0.05854983152431917  # nlib: noise variance σ²; 1/(2πe) makes H(Z|X) = 0 as in ib
+    nlib_learn_noise: bool = False  # nlib: train σ² (through log σ²) instead of fixing it
+    nlib_squared: bool = False  # nlib: the squared-IB variant, β·Î(X;Z)², which Kolchinsky et al. recommend
     augment: bool = True  # pad-4 crop + flip on 32×32 images (ignored for other sizes), the CIFAR standard
     seed: int = 0  # seeds torch, numpy, Python, the loader and any data split
     probe_width: int = 1024  # width of the ResFC fitted on test latents for H[Y|Z]; the paper's 1024
@@ -70,6 +75,13 @@ class RunConfig:
     amp: str = "off"  # "bf16": autocast the encoder on GPU (the estimator stays float32)
     channels_last: bool = False  # NHWC memory format for conv encoders on GPU
     device: str = "auto"  # auto: CUDA when present, else CPU
+
+    def __post_init__(self) -> None:
+        if self.noise is None:  # the objective's default, so every stored config says what ran
+            from ibbench.objectives import OBJECTIVES
+
+            if self.objective in OBJECTIVES:
+                object.__setattr__(self, "noise", OBJECTIVES.get(self.objective).noise_default)
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], source: str = "<config>") -> RunConfig:
@@ -119,13 +131,15 @@ class RunConfig:
                 fail("decoders", f"unknown decoder {name!r}", ", ".join(DECODERS.names()))
         if len(set(self.decoders)) != len(self.decoders):
             fail("decoders", f"{list(self.decoders)} lists a decoder twice")
-        if not (0.0 <= self.beta < 1.0):
-            fail(
-                "beta",
-                f"β'' = {self.beta} is outside [0, 1)",
-                "0 ≤ beta < 1 (β'' = 1/β of the IB Lagrangian)",
-            )
+        objective = OBJECTIVES.get(self.objective)
+        try:
+            objective.check_beta(self.beta)  # each objective's range lives on its class
+        except ValueError as exc:
+            fail("beta", str(exc).split(": ", 1)[0], objective.beta_allowed())
+        if self.noise and not objective.noise_allowed:
+            fail("noise", f"{self.objective} brings its own noise; the zero-entropy noise would add more", "false")
         positive = {
+            "vib_samples": self.vib_samples,
             "latent_dim": self.latent_dim,
             "k": self.k,
             "epochs": self.epochs,
@@ -143,6 +157,8 @@ class RunConfig:
             fail("lr", f"{self.lr} is not a positive learning rate", "a number > 0")
         if not (0.0 <= self.dropconnect < 1.0):
             fail("dropconnect", f"{self.dropconnect} is outside [0, 1)", "0 ≤ dropconnect < 1")
+        if not self.nlib_noise_var > 0:
+            fail("nlib_noise_var", f"{self.nlib_noise_var} is not a positive variance", "a number > 0")
         if self.seed < 0:
             fail("seed", f"{self.seed} is negative", "an integer ≥ 0")
         for eps in self.fgsm_eps:
@@ -156,16 +172,20 @@ class RunConfig:
             fail("device", f"unknown device {self.device!r}", ", ".join(DEVICES))
         if self.amp not in AMP_MODES:
             fail("amp", f"unknown mode {self.amp!r}", ", ".join(AMP_MODES))
-        # train.run always draws class-balanced batches; only ib needs more than k samples of each class in them.
+        # train.run always draws class-balanced batches; objectives with a per-class k-NN estimate need more than
+        # k samples of each class in them.
         try:
-            check_batch(
-                self.batch_size, DATASETS.get(self.dataset).num_classes, self.k if self.objective == "ib" else 0
-            )
+            check_batch(self.batch_size, DATASETS.get(self.dataset).num_classes, self.batch_k)
         except ValueError as exc:
-            allowed = "a multiple of the class count" + (
-                " with more than k samples per class" if self.objective == "ib" else ""
-            )
+            allowed = "a multiple of the class count" + (" with more than k samples per class" if self.batch_k else "")
             fail("batch_size", str(exc), allowed)
+
+    @property
+    def batch_k(self) -> int:
+        """k when the objective estimates entropies per class on each batch (each class needs > k), else 0."""
+        from ibbench.objectives import OBJECTIVES
+
+        return self.k if OBJECTIVES.get(self.objective).knn_batches else 0
 
 
 def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
@@ -448,7 +468,12 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         raise ConfigError(source, "baselines", "expected a list of field mappings", "e.g. [{objective: ce}]")
     baselines = []
     for i, b in enumerate(baselines_raw):
-        baselines.append(_freeze(_check_mapping(source, f"baselines[{i}]", b, fields) or {}))
+        entry = _check_mapping(source, f"baselines[{i}]", b, fields) or {}
+        for key, value in entry.items():
+            if isinstance(value, list) and not value:
+                raise ConfigError(source, f"baselines[{i}].{key}", "an empty list gives no runs",
+                                  "a value, or a non-empty list of values (the entry's own axis)")  # fmt: skip
+        baselines.append(_freeze(entry))
     search = None
     if raw.get("search") is not None:
         search = _parse_search(source, raw["search"])
@@ -513,12 +538,25 @@ def _make(spec: SweepSpec, values: dict[str, Any], origins: dict[str, str]) -> R
         raise ConfigError(spec.source, _where(exc.field, origins), exc.problem, exc.allowed) from None
 
 
+_TUPLE_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig) if typing.get_origin(f.type) is tuple
+                      or str(f.type).startswith("tuple"))  # fmt: skip
+
+
+def _is_axis(field: str, value: Any) -> bool:
+    """A list in a baselines entry is an axis of values, except the value of a list field (a list of lists is)."""
+    if not isinstance(value, list):
+        return False
+    return field not in _TUPLE_FIELDS or (bool(value) and all(isinstance(v, list) for v in value))
+
+
 def expand(spec: SweepSpec) -> list[RunConfig]:
     """Every run of a grid sweep (grid product, then baselines × seeds), duplicates removed, in order.
 
     The `decoder` axis is folded into each run's `decoders` list: runs that differ only in the decoder share one
-    encoder training. A search sweep has no fixed runs: its base and every domain endpoint are validated and []
-    returned. A spec from load_sweep carries its runs already (expanded once per command).
+    encoder training. A list in a baselines entry is that entry's own axis (`{objective: vib, beta: [0.001, 0.01]}`
+    is two runs per seed), so objectives whose parameters mean different things sit in one sweep. A search sweep
+    has no fixed runs: its base and every domain endpoint are validated and [] returned. A spec from load_sweep
+    carries its runs already (expanded once per command).
     """
     if spec.runs:
         return list(spec.runs)
@@ -544,9 +582,12 @@ def expand(spec: SweepSpec) -> list[RunConfig]:
     seeds = grid.get("seed", [base.get("seed", RunConfig.seed)])
     for i, baseline in enumerate(spec.baselines):
         fixed = {k: plain(v) for k, v in baseline}
-        for seed in seeds:
-            values = {**base, **fixed, "seed": seed}
-            runs.append(_make(spec, values, {**origins, **{k: f"baselines[{i}].{k}" for k in fixed}}))
+        where = {**origins, **{k: f"baselines[{i}].{k}" for k in fixed}}
+        axes = {k: v for k, v in fixed.items() if _is_axis(k, v)}  # an entry's lists are its own grid
+        for combo in itertools.product(*axes.values()):
+            for seed in seeds:
+                values = {**base, **fixed, **dict(zip(axes, combo, strict=True)), "seed": seed}
+                runs.append(_make(spec, values, where))
     unique: dict[str, RunConfig] = {}
     for cfg in runs:
         unique.setdefault(cfg.identity(), cfg)

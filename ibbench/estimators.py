@@ -12,6 +12,7 @@ distances are then recomputed from the inputs with gradient, so the backward pas
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from collections.abc import Iterator
 
@@ -34,6 +35,12 @@ _DENSE_ROWS = 1024
 _SCREEN_ROWS = 16
 
 
+@functools.lru_cache(maxsize=1024)
+def _digamma(n: int) -> float:
+    """ψ(n) = −γ + Σ_{i<n} 1/i for an integer n ≥ 1, exactly summed, on the host (no tensor, so no device sync)."""
+    return math.fsum([-0.5772156649015329, *(1.0 / i for i in range(1, n))])
+
+
 def log_unit_ball_volume(d: int) -> float:
     """log V_d, the log volume of the d-dimensional Euclidean unit ball."""
     return 0.5 * d * math.log(math.pi) - math.lgamma(0.5 * d + 1)
@@ -45,7 +52,8 @@ def add_zero_entropy_noise(z: torch.Tensor, generator: torch.Generator | None = 
     return z + ZERO_ENTROPY_STD * noise
 
 
-def _check_input(z: torch.Tensor, k: int, what: str = "z") -> None:
+def _check_input(z: torch.Tensor, k: int, what: str = "z", finite: bool = True) -> None:
+    """Shapes, k and dtype (no device sync); with finite, also that z holds no nan or inf (one sync)."""
     if not isinstance(z, torch.Tensor) or z.dim() != 2:
         shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
         raise ValueError(f"{what} must be a 2-D tensor (N samples, d dims), got shape {shape}")
@@ -56,23 +64,42 @@ def _check_input(z: torch.Tensor, k: int, what: str = "z") -> None:
         raise ValueError(f"k = {k} needs at least k + 1 = {k + 1} samples, {what} has N = {n}")
     if not z.is_floating_point():
         raise ValueError(f"{what} must be a floating-point tensor, got {z.dtype}")
-    if not bool(torch.isfinite(z).all()):
+    if finite and not bool(torch.isfinite(z).all()):
         raise ValueError(f"{what} holds non-finite values (nan or inf)")
 
 
 @contextlib.contextmanager
 def _exact_matmul(device: torch.device) -> Iterator[None]:
-    """Keep TF32 and autocast off for the search: a 10-bit mantissa picks the wrong neighbours."""
+    """Keep TF32 and autocast off for the search: a 10-bit mantissa picks the wrong neighbours.
+
+    Through torch's fp32_precision setting where it exists (torch ≥ 2.9): reading the legacy allow_tf32 flag
+    raises once a process has used the new API.
+    """
     with torch.autocast(device_type=device.type, enabled=False):
         if device.type != "cuda":
             yield
             return
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = False
+        matmul = torch.backends.cuda.matmul
+        new_api = hasattr(matmul, "fp32_precision")
+        previous = matmul.fp32_precision if new_api else matmul.allow_tf32
+        if new_api:
+            matmul.fp32_precision = "ieee"
+        else:
+            matmul.allow_tf32 = False
         try:
             yield
         finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
+            if new_api:
+                matmul.fp32_precision = previous
+            else:
+                matmul.allow_tf32 = previous
+
+
+def _unit_scale(zc: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+    """zc divided by its largest |entry| over dims: neighbours are unchanged, and float32 products of latents that
+    collapsed to 1e-20 no longer underflow."""
+    scale = zc.abs().amax(dims, keepdim=True)
+    return zc / torch.where(scale > 0, scale, torch.ones_like(scale))
 
 
 def default_block_size(n: int, itemsize: int = 4) -> int:
@@ -201,7 +228,7 @@ def knn_neighbours(z: torch.Tensor, k: int = 1, block_size: int | None = None) -
     with torch.no_grad(), _exact_matmul(z.device):
         search_dtype = torch.float64 if z.dtype == torch.float64 else torch.float32
         zc = z.detach().to(search_dtype)
-        zc = zc - zc.mean(0, keepdim=True)  # centring keeps ‖a‖² small next to the distances
+        zc = _unit_scale(zc - zc.mean(0, keepdim=True), (0, 1))  # centring keeps ‖a‖² small next to the distances
         n = zc.shape[0]
         block = block_size or default_block_size(n, zc.element_size())
         rows_aug, cols_aug = _augmented(zc)
@@ -215,25 +242,41 @@ def knn_neighbours(z: torch.Tensor, k: int = 1, block_size: int | None = None) -
             if bool(unsure.any()):
                 rows = unsure.nonzero().squeeze(1)
                 z64 = z.detach().to(torch.float64)
-                a64, b64 = _augmented(z64 - z64.mean(0, keepdim=True))
+                a64, b64 = _augmented(_unit_scale(z64 - z64.mean(0, keepdim=True), (0, 1)))
                 rows64 = (block_size // 2 or 1) if block_size else default_block_size(n, 8)
                 index[rows] = _rows_search(a64, rows, b64, k, rows64)
     return index
 
 
-def _entropy_from_r2(r2: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
-    """ψ(N) − ψ(k) + log V_d + (d/2N) Σ log r_i², over the last dim of r2 (…, N) of squared k-NN distances."""
-    # Only duplicates reach the floor; it keeps log finite and its gradient zero there.
-    r2 = r2.clamp_min(torch.finfo(r2.dtype).tiny)
-    const = math.fsum([float(torch.special.digamma(torch.tensor(float(n), dtype=torch.float64))),
-                       -float(torch.special.digamma(torch.tensor(float(k), dtype=torch.float64))),
-                       log_unit_ball_volume(d)])  # fmt: skip
-    return const + 0.5 * d * torch.log(r2).mean(-1)
+# Two float32 latents of magnitude |z| that differ at all differ by at least about eps₃₂·|z| per coordinate.
+_RESOLUTION = torch.finfo(torch.float32).eps
 
 
-def knn_entropy(z: torch.Tensor, k: int = 1, block_size: int | None = None) -> torch.Tensor:
-    """Kozachenko–Leonenko/Kraskov entropy of samples z (N, d) in nats; a differentiable 0-d tensor."""
-    _check_input(z, k)
+def _entropy_of_neighbours(z: torch.Tensor, neighbours: torch.Tensor, n: int, k: int, d: int) -> torch.Tensor:
+    """ψ(N) − ψ(k) + log V_d + (d/2N) Σ log r_i² over the last two dims of z and its k-th neighbours (…, N, d).
+
+    Precision-safe: r² is taken from differences of the inputs in float64 (exact for float32 and bf16-produced
+    latents, and no underflow for latents collapsed to 1e-20), and floored at d·(eps₃₂)²·mean(z²), the squared
+    distance below which two float32 latents of that magnitude cannot differ, rather than at a dtype's `tiny`.
+    So exact duplicates (a collapsed batch without noise) count the same in float32, float64 and bf16 runs and
+    keep a finite, zero gradient, and the result does not depend on the dtype. Returned in z's dtype.
+    """
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z64, nb64 = z.double(), neighbours.double()
+        r2 = (z64 - nb64).pow(2).sum(-1)
+        magnitude = z64.detach().pow(2).mean((-2, -1))
+        floor = d * _RESOLUTION**2 * torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+        const = math.fsum([_digamma(n), -_digamma(k), log_unit_ball_volume(d)])
+        out = const + 0.5 * d * torch.log(torch.maximum(r2, floor.unsqueeze(-1))).mean(-1)
+    return out.to(z.dtype if z.dtype in (torch.float32, torch.float64) else torch.float32)
+
+
+def knn_entropy(z: torch.Tensor, k: int = 1, block_size: int | None = None, validate: bool = True) -> torch.Tensor:
+    """Kozachenko–Leonenko/Kraskov entropy of samples z (N, d) in nats; a differentiable 0-d tensor.
+
+    validate=False skips the check for nan/inf (a device sync): the training loop checks its losses itself.
+    """
+    _check_input(z, k, finite=validate)
     if z.dtype not in (torch.float32, torch.float64):
         z = z.float()  # bf16/fp16 latents under autocast: the estimator itself stays in float32
     n, d = z.shape
@@ -244,9 +287,7 @@ def knn_entropy(z: torch.Tensor, k: int = 1, block_size: int | None = None) -> t
         if dense is not None:
             return dense[0]
     index = knn_neighbours(z, k, block_size)
-    with torch.autocast(device_type=z.device.type, enabled=False):
-        # Differences of the raw inputs are exact for close pairs (Sterbenz), unlike the expanded form.
-        return _entropy_from_r2((z - z[index]).pow(2).sum(1), n, k, d)
+    return _entropy_of_neighbours(z, z[index], n, k, d)
 
 
 def _grouped_knn_entropy(zg: torch.Tensor, k: int) -> torch.Tensor | None:
@@ -255,7 +296,7 @@ def _grouped_knn_entropy(zg: torch.Tensor, k: int) -> torch.Tensor | None:
     g, n, d = zg.shape
     with torch.no_grad(), _exact_matmul(zg.device):
         zc = zg.detach()
-        zc = zc - zc.mean(1, keepdim=True)
+        zc = _unit_scale(zc - zc.mean(1, keepdim=True), (1, 2))
         sq = (zc * zc).sum(2)  # (G, n)
         scores = torch.baddbmm(sq.unsqueeze(1), zc, zc.transpose(1, 2), alpha=-2.0)  # ‖b‖² − 2ab, row term omitted
         scores.diagonal(dim1=1, dim2=2).fill_(math.inf)  # self-pairs masked by index
@@ -265,39 +306,76 @@ def _grouped_knn_entropy(zg: torch.Tensor, k: int) -> torch.Tensor | None:
             unsure = found <= _SEARCH_SAFETY * torch.finfo(torch.float32).eps * (sq + sq.amax(1, keepdim=True))
             if bool(unsure.any()):
                 return None
-    with torch.autocast(device_type=zg.device.type, enabled=False):
-        neighbours = torch.gather(zg, 1, index.unsqueeze(2).expand(-1, -1, d))
-        return _entropy_from_r2((zg - neighbours).pow(2).sum(2), n, k, d)
+    neighbours = torch.gather(zg, 1, index.unsqueeze(2).expand(-1, -1, d))
+    return _entropy_of_neighbours(zg, neighbours, n, k, d)
 
 
 def conditional_knn_entropy(
-    z: torch.Tensor, y: torch.Tensor, k: int = 1, block_size: int | None = None
+    z: torch.Tensor,
+    y: torch.Tensor,
+    k: int = 1,
+    block_size: int | None = None,
+    *,
+    balanced_classes: int | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """H[Z|Y] = Σ_y p̂(y) H[Z | Y=y] over the classes present in y (N,), nats; a differentiable 0-d tensor.
 
     Class-balanced batches (every class the same count, score tensor within the block budget) are estimated in
-    one batched search instead of a loop over classes: a handful of host syncs instead of several per class.
+    one batched search instead of a loop over classes. A caller that knows its batch holds balanced_classes
+    classes of N / balanced_classes samples each (the training loader's batches) passes it: then neither the
+    labels nor the values are read on the host, and a training step costs no device sync here beyond the search's
+    precision check. validate=False skips the nan/inf check.
     """
     if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != z.shape[0]:
         raise ValueError(f"y must be a 1-D tensor with one label per row of z (N = {z.shape[0]})")
-    classes, counts = torch.unique(y, return_counts=True)
     n = y.shape[0]
-    sizes = counts.tolist()
-    for label, count in zip(classes.tolist(), sizes, strict=True):
-        if count <= k:
-            raise ValueError(
-                f"class {label} has {count} samples in this batch; the k-NN estimate of H[Z|Y={label}] needs "
-                f"more than k = {k}"
-            )
+    if balanced_classes is not None:
+        if balanced_classes < 1 or n % balanced_classes or n // balanced_classes <= k:
+            raise ValueError(f"a batch of {n} does not split into {balanced_classes} classes of more than k = {k}")
+        sizes = [n // balanced_classes] * balanced_classes
+    else:
+        classes, counts = torch.unique(y, return_counts=True)
+        sizes = counts.tolist()
+        for label, count in zip(classes.tolist(), sizes, strict=True):
+            if count <= k:
+                raise ValueError(
+                    f"class {label} has {count} samples in this batch; the k-NN estimate of H[Z|Y={label}] needs "
+                    f"more than k = {k}"
+                )
     if len(set(sizes)) == 1 and len(sizes) * sizes[0] ** 2 * z.element_size() <= _BLOCK_BYTES:
-        _check_input(z, k)
+        _check_input(z, k, finite=validate)
         zf = z if z.dtype in (torch.float32, torch.float64) else z.float()
         grouped = zf[torch.argsort(y, stable=True)].reshape(len(sizes), sizes[0], z.shape[1])
         entropies = _grouped_knn_entropy(grouped, k)
         if entropies is not None:
             return entropies.mean()  # equal counts: p̂(y) = 1/C
+    classes, counts = torch.unique(y, return_counts=True)
     terms = [
-        (count / n) * knn_entropy(z[y == label], k, block_size)
-        for label, count in zip(classes.tolist(), sizes, strict=True)
+        (count / n) * knn_entropy(z[y == label], k, block_size, validate)
+        for label, count in zip(classes.tolist(), counts.tolist(), strict=True)
     ]
     return torch.stack(terms).sum()
+
+
+def kde_mutual_information(h: torch.Tensor, noise_var: float | torch.Tensor, bound: str = "upper") -> torch.Tensor:
+    """Pairwise-distance bound on I(X; Z), Z = h(X) + N(0, σ² I), X uniform over the N rows of h (N, d); nats.
+
+    Kolchinsky & Tracey (2017): with equal-covariance Gaussian components, H(Z) − H(Z|X) is bounded above by
+    −(1/N) Σ_i log (1/N) Σ_j exp(−KL_ij), KL_ij = ‖h_i − h_j‖² / (2σ²) (the KDE estimator of the nonlinear-IB
+    paper), and below by the same with the Bhattacharyya distance ‖h_i − h_j‖² / (8σ²). Both lie in [0, log N].
+    Differentiable in h (and in σ² when it is a tensor).
+    """
+    if bound not in ("upper", "lower"):
+        raise ValueError(f"bound must be 'upper' or 'lower', got {bound!r}")
+    if h.dim() != 2 or h.shape[0] < 1:
+        raise ValueError(f"h must be a 2-D tensor (N ≥ 1 samples, d dims), got shape {tuple(h.shape)}")
+    n = h.shape[0]
+    # The expanded ‖a‖² + ‖b‖² − 2ab of centred codes: one matmul. Its rounding only touches tiny distances,
+    # whose terms exp(−d²/scale) ≈ 1 it cannot change; the neighbour search's cancellation problem does not arise.
+    hc = h - h.mean(0, keepdim=True)
+    sq = (hc * hc).sum(1)
+    with torch.autocast(device_type=h.device.type, enabled=False):
+        d2 = (sq.unsqueeze(1) + sq.unsqueeze(0) - 2.0 * hc @ hc.t()).clamp_min(0.0)
+    scale = (2.0 if bound == "upper" else 8.0) * noise_var
+    return math.log(n) - torch.logsumexp(-d2 / scale, dim=1).mean()

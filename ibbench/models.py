@@ -52,18 +52,26 @@ class Normalize(nn.Module):
 
 
 class Encoder(nn.Module):
-    """normalize then body: (N, C, H, W) pixels in [0, 1] -> (N, latent_dim)."""
+    """normalize, body, then the latent layer: (N, C, H, W) pixels in [0, 1] -> (N, latent_dim) float32.
 
-    def __init__(self, normalize: Normalize, body: nn.Module, input_shape: tuple[int, int, int], latent_dim: int):
+    The latent layer (a Linear from the body's features) always runs in float32, outside any autocast: under
+    bf16 autocast the latent would otherwise be rounded to 8 bits of mantissa before the entropy estimator sees
+    it, and a collapsed latent's entropy then depends on the precision of the run (see docs/decisions.md).
+    """
+
+    def __init__(self, normalize: Normalize, body: nn.Module, latent: nn.Linear, input_shape: tuple[int, int, int]):
         super().__init__()
         self.normalize = normalize
         self.body = body
+        self.latent = latent
         self.input_shape = input_shape
-        self.latent_dim = latent_dim
+        self.latent_dim = latent.out_features
 
     def forward(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) in [0, 1] -> (N, latent_dim)."""
-        return self.body(self.normalize(x))
+        """(N, C, H, W) in [0, 1] -> (N, latent_dim) float32."""
+        features = self.body(self.normalize(x))
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self.latent(features.float())
 
 
 def _normalize(channels: int, mean: Sequence[float] | None, std: Sequence[float] | None) -> Normalize:
@@ -98,7 +106,8 @@ def resnet18(
     net.conv1 = nn.Conv2d(input_shape[0], 64, kernel_size=3, stride=1, padding=1, bias=False)
     nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
     net.maxpool = nn.Identity()
-    return Encoder(_normalize(input_shape[0], mean, std), net, input_shape, latent_dim)
+    latent, net.fc = net.fc, nn.Identity()  # torchvision's final Linear(512, latent_dim) is the latent layer
+    return Encoder(_normalize(input_shape[0], mean, std), net, latent, input_shape)
 
 
 @ENCODERS.register("cnn")
@@ -117,9 +126,8 @@ def cnn(
         *_conv_bn_relu(128, 128, 1),
         nn.AdaptiveAvgPool2d(1),
         nn.Flatten(),
-        nn.Linear(128, latent_dim),
     )
-    return Encoder(_normalize(input_shape[0], mean, std), body, input_shape, latent_dim)
+    return Encoder(_normalize(input_shape[0], mean, std), body, nn.Linear(128, latent_dim), input_shape)
 
 
 @ENCODERS.register("mlp")
@@ -136,9 +144,8 @@ def mlp(
         nn.ReLU(inplace=True),
         nn.Linear(256, 256),
         nn.ReLU(inplace=True),
-        nn.Linear(256, latent_dim),
     )
-    return Encoder(_normalize(input_shape[0], mean, std), body, input_shape, latent_dim)
+    return Encoder(_normalize(input_shape[0], mean, std), body, nn.Linear(256, latent_dim), input_shape)
 
 
 def make_encoder(

@@ -153,6 +153,16 @@ class SweepOutcome:
 Event = Callable[[str, dict[str, Any]], None]  # (kind, payload): start | result | complete | error
 
 
+def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str) -> None:
+    """ConfigError when one trial needs more CPUs or GPUs than `where` (a machine, a Ray cluster) has."""
+    if spec.resources.gpu > 0 and gpus < spec.resources.gpu:
+        raise ConfigError(spec.source, "resources.gpu", f"{spec.resources.gpu:g} GPU per trial, but {where} has "
+                          f"{gpus:g}", "gpu: 0 on a machine without GPUs")  # fmt: skip
+    if cpus < spec.resources.cpu:
+        raise ConfigError(spec.source, "resources.cpu", f"{spec.resources.cpu:g} CPUs per trial, but {where} has "
+                          f"{cpus:g}", f"at most {cpus:g}")  # fmt: skip
+
+
 def _trial_config(config: dict[str, Any]) -> RunConfig:
     """The RunConfig of a trial's config: a grid's run, or the base with the searched values."""
     values = dict(config["run"]) if "run" in config else dict(config["base"])
@@ -300,12 +310,7 @@ def run_sweep(
     write_spec(spec, root)
     outcome = SweepOutcome(root)
     cluster = ray.cluster_resources()
-    if spec.resources.gpu > 0 and cluster.get("GPU", 0) < spec.resources.gpu:
-        raise ConfigError(spec.source, "resources.gpu", f"{spec.resources.gpu} GPU per trial, but the Ray cluster "
-                          f"has {cluster.get('GPU', 0):g}", "gpu: 0 on a machine without GPUs")  # fmt: skip
-    if cluster.get("CPU", 0) < spec.resources.cpu:
-        raise ConfigError(spec.source, "resources.cpu", f"{spec.resources.cpu} CPUs per trial, but the Ray cluster "
-                          f"has {cluster.get('CPU', 0):g}", f"at most {cluster.get('CPU', 0):g}")  # fmt: skip
+    check_resources(spec, cluster.get("CPU", 0), cluster.get("GPU", 0), "the Ray cluster")
     settings = {
         "sweep_dir": str(root),
         "source": spec.source,

@@ -41,12 +41,29 @@ class TrainingFailed(RuntimeError):
     """The run stopped without a result (e.g. a non-finite loss); summary.json holds the reason."""
 
 
+class LatentEncoder(nn.Module):
+    """x (N, ...) -> the objective's deterministic latent (N, latent_dim): what decoders, attacks and the
+    information plane see (the encoder's output itself, or VIB's mean)."""
+
+    def __init__(self, encoder: nn.Module, objective: Objective):
+        super().__init__()
+        self.encoder = encoder
+        self.objective = objective
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.objective.latent(self.encoder(x))
+
+
 @dataclass
 class _Model:
-    """What one run trains: the encoder and the objective (which owns any head)."""
+    """What one run trains: the encoder and the objective (which owns any head), and their evaluation latent."""
 
     encoder: nn.Module
     objective: Objective
+
+    @property
+    def latent(self) -> LatentEncoder:
+        return LatentEncoder(self.encoder, self.objective)
 
 
 def pick_device(name: str) -> torch.device:
@@ -109,11 +126,22 @@ def _eps_key(eps: float) -> str:
 
 def _build(cfg: RunConfig, data: Dataset, device: torch.device) -> _Model:
     info = data.info
-    encoder = make_encoder(cfg.encoder, info.input_shape, cfg.latent_dim, info.mean, info.std)
     settings = ObjectiveSettings(
-        latent_dim=cfg.latent_dim, num_classes=info.num_classes, beta=cfg.beta, k=cfg.k, dropconnect=cfg.dropconnect
+        latent_dim=cfg.latent_dim,
+        num_classes=info.num_classes,
+        beta=cfg.beta,
+        k=cfg.k,
+        dropconnect=cfg.dropconnect,
+        dropconnect_per_example=cfg.dropconnect_per_example,
+        noise=bool(cfg.noise),
+        vib_samples=cfg.vib_samples,
+        nlib_noise_var=cfg.nlib_noise_var,
+        nlib_learn_noise=cfg.nlib_learn_noise,
+        nlib_squared=cfg.nlib_squared,
     )
     objective = make_objective(cfg.objective, settings)
+    width = objective.encoder_width(cfg.latent_dim)
+    encoder = make_encoder(cfg.encoder, info.input_shape, width, info.mean, info.std)
     if cfg.channels_last and device.type == "cuda":
         encoder = encoder.to(memory_format=torch.channels_last)
     return _Model(encoder.to(device), objective.to(device))
@@ -127,30 +155,40 @@ def _train_epoch(
     device: torch.device,
     epoch: int,
 ) -> dict[str, float]:
-    """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss."""
+    """One pass over the loader; returns the mean of each loss term; raises TrainingFailed on a non-finite loss.
+
+    Nothing in a step waits for the device: whether the latents and the loss were finite is kept on the device per
+    step and read once, at the end of the epoch (a diverged step poisons the weights, so the rest of the epoch is
+    wasted, but the epoch is neither checkpointed nor reported). The objective's own estimates may sync (the k-NN
+    search's precision check: two per ib step).
+    """
     model.encoder.train()
     model.objective.train()
     use_amp = cfg.amp == "bf16" and device.type == "cuda"
     sums: dict[str, torch.Tensor] = {}
+    health: list[torch.Tensor] = []  # per step: (latents finite, loss finite, loss)
     batches = 0
     for xb, yb in loader:
         with torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext():
-            z = model.encoder(xb)
-        z = z.float()  # the estimator and the loss stay in float32
-        if not bool(torch.isfinite(z).all()):
-            raise TrainingFailed(f"non-finite latents in epoch {epoch}, batch {batches + 1}: the encoder diverged")
-        if cfg.noise:
-            z = add_zero_entropy_noise(z)
-        terms = model.objective(z, yb)
+            h = model.encoder(xb)
+        h = h.float()  # the estimator and the loss stay in float32
+        terms = model.objective(h, yb)  # the objective draws its latent (and any noise) from h
         loss = terms["loss"]
-        if not torch.isfinite(loss):
-            raise TrainingFailed(f"non-finite loss ({float(loss.detach())}) in epoch {epoch}, batch {batches + 1}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        health.append(torch.stack([torch.isfinite(h).all().float(), torch.isfinite(loss).float(), loss.detach()]))
         for key, value in terms.items():
             sums[key] = sums.get(key, 0.0) + value.detach()
         batches += 1
+    if batches:
+        health_all = torch.stack(health).cpu()  # the epoch's one read of the device
+        bad = (health_all[:, :2] < 1).any(1).nonzero()
+        if len(bad):
+            first = int(bad[0, 0])
+            if health_all[first, 0] < 1:
+                raise TrainingFailed(f"non-finite latents in epoch {epoch}, batch {first + 1}: the encoder diverged")
+            raise TrainingFailed(f"non-finite loss ({float(health_all[first, 2])}) in epoch {epoch}, batch {first + 1}")
     return {key: float(total) / batches for key, total in sums.items()}
 
 
@@ -170,8 +208,8 @@ def _evaluate(cfg: RunConfig, model: _Model, data: _Splits) -> tuple[dict[str, f
     metrics: dict[str, float] = {}
     # Latents for decoders without noise (the deterministic encoder), for the entropies with the noise that
     # makes H[Z] ≥ 0 and I[X;Z] = H[Z] meaningful (runs trained without noise are measured the same way).
-    z_train = encode(model.encoder, data.train_x)
-    z_test = encode(model.encoder, data.test_x)
+    z_train = encode(model.latent, data.train_x)
+    z_test = encode(model.latent, data.test_x)
     decoders: dict[str, nn.Module] = dict(fit_decoders(cfg.decoders, z_train, data.train_y, data.num_classes))
     if model.objective.has_head:
         decoders[HEAD] = _HeadDecoder(model.objective)
@@ -209,7 +247,7 @@ def _robustness(cfg: RunConfig, model: _Model, decoders: Mapping[str, nn.Module]
     for name, decoder in decoders.items():
         curves[name] = {}
         for attack in attacks:
-            curve = robustness(model.encoder, decoder, x, y, cfg.fgsm_eps, attack=attack)
+            curve = robustness(model.latent, decoder, x, y, cfg.fgsm_eps, attack=attack)
             curves[name][attack] = {_eps_key(eps): acc for eps, acc in curve.items()}
     return curves
 
@@ -223,7 +261,7 @@ def make_loader(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLo
             data.train_y,
             cfg.batch_size,
             device=device,
-            k=cfg.k if cfg.objective == "ib" else 0,
+            k=cfg.batch_k,
             augment=augment,
             seed=cfg.seed,
             channels_last=cfg.channels_last and device.type == "cuda",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import shutil
 import subprocess
 import tempfile
@@ -16,6 +17,16 @@ import torch
 # One intra-op thread: CI has 2 cores, and Ray trials or a second process beside a 2-thread torch make OpenMP
 # threads spin against each other (runs 10-30x slower were seen); results do not depend on it.
 torch.set_num_threads(1)
+
+@pytest.fixture(autouse=True)
+def _fresh_global_rngs():
+    """Every test starts from the same global RNG state: train.run reseeds the global RNGs, so without this an
+    unseeded draw in one test would depend on which tests ran before it. Tests that need randomness should still
+    draw from a torch.Generator of their own."""
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+
 
 CIFAR10_LABEL_NAMES = [
     "airplane",

@@ -115,7 +115,7 @@ BAD = {
     "epochs_zero": ("epochs: 0\n", "epochs", ["≥ 1"]),
     "unknown_encoder": ("encoder: vit\n", "encoder", ["'vit'", "cnn, mlp, resnet18"]),
     "unknown_dataset": ("dataset: mnist\n", "dataset", ["'mnist'", "cifar10, digits, synthetic"]),
-    "unknown_objective": ("objective: vib\n", "objective", ["'vib'", "ce, ce_dropconnect, ib"]),
+    "unknown_objective": ("objective: vae\n", "objective", ["'vae'", "ce, ce_dropconnect, ib, nlib, vib"]),
     "unknown_decoder": ("decoders: [gmm, knn]\n", "decoders", ["'knn'", "gmm, logreg, resfc"]),
     "empty_decoders": ("decoders: []\n", "decoders", ["gmm, logreg, resfc"]),
     "duplicate_decoder": ("decoders: [gmm, gmm]\n", "decoders", ["twice"]),

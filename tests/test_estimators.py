@@ -261,3 +261,88 @@ def test_balanced_tight_far_clusters_fall_back_to_the_exact_search():
     y = torch.arange(400) // 200
     ref = (reference_entropy(z[:200].double().numpy(), 2) + reference_entropy(z[200:].double().numpy(), 2)) / 2
     assert float(conditional_knn_entropy(z, y, 2)) == pytest.approx(ref, rel=1e-4)
+
+
+# -- the pairwise-distance (KDE) bound of nonlinear IB ---------------------------------------------------------
+
+
+def test_kde_bound_equals_a_direct_float64_computation():
+    from ibbench.estimators import kde_mutual_information
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(17, 3, generator=g, dtype=torch.float64) * 0.7 + 5.0  # offset: the centring must hold
+    var = 0.3
+    for bound, divisor in (("upper", 2.0), ("lower", 8.0)):
+        direct = 0.0
+        for i in range(17):
+            inner = sum(math.exp(-float(((h[i] - h[j]) ** 2).sum()) / (divisor * var)) / 17 for j in range(17))
+            direct -= math.log(inner) / 17
+        value = kde_mutual_information(h, var, bound)
+        assert float(value) == pytest.approx(direct, rel=1e-10, abs=1e-12)
+        assert float(kde_mutual_information(h.float(), var, bound)) == pytest.approx(direct, rel=1e-4)
+    assert 0.0 <= float(kde_mutual_information(h, var, "lower")) <= float(kde_mutual_information(h, var))
+    assert float(kde_mutual_information(h, var)) <= math.log(17)
+
+
+def test_kde_bound_brackets_the_truth_and_sits_above_the_knn_estimate_on_gaussians():
+    """X ~ N(0, s² I_d) as N samples, Z = X + N(0, σ² I) with σ² = 1/(2πe): H(Z|X) = 0, so the k-NN estimate of
+    H(Z) estimates I(X;Z) as well. The truth for the empirical mixture (X uniform over the N samples) is a Monte
+    Carlo average of log p(z|x) − log p(z); the KDE (KL) bound is above it, the Bhattacharyya bound below, and
+    their gap is the bound's known slack."""
+    from ibbench.estimators import ZERO_ENTROPY_STD, kde_mutual_information
+
+    g = torch.Generator().manual_seed(3)
+    n, d, s = 600, 2, 0.8
+    var = ZERO_ENTROPY_STD**2
+    x = s * torch.randn(n, d, generator=g, dtype=torch.float64)
+    upper, lower = kde_mutual_information(x, var), kde_mutual_information(x, var, "lower")
+    # Monte Carlo truth: z = x_i + ε; log p(z|x_i) − log (1/N) Σ_j p(z|x_j).
+    draws = 40
+    z = x.repeat(draws, 1) + ZERO_ENTROPY_STD * torch.randn(draws * n, d, generator=g, dtype=torch.float64)
+    own = -((z - x.repeat(draws, 1)) ** 2).sum(1) / (2 * var)
+    pairwise = -torch.cdist(z, x).pow(2) / (2 * var)
+    truth = float((own - (torch.logsumexp(pairwise, 1) - math.log(n))).mean())
+    assert float(lower) - 0.02 <= truth <= float(upper) + 0.02  # Monte Carlo error ~0.01 nats
+    assert float(upper) - truth <= float(upper - lower) + 0.02
+    knn = float(knn_entropy(x[:n] + ZERO_ENTROPY_STD * torch.randn(n, d, generator=g, dtype=torch.float64), k=3))
+    assert knn <= float(upper) + 0.05  # the k-NN estimate of the same noisy latents is below the upper bound ...
+    assert float(upper) - knn <= float(upper - lower) + 0.25  # ... and within the bound's slack (+ its own error)
+
+
+# -- precision safety ------------------------------------------------------------------------------------------
+
+
+def test_duplicates_and_collapsed_batches_give_the_same_finite_estimate_in_float32_and_float64():
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(60, 8, generator=g)
+    with_duplicates = torch.cat([base, base[:20]])  # 20 exact duplicates: their k-th distance is 0 for k = 1
+    y = torch.arange(80) % 4
+    for z32 in (with_duplicates, 1e-20 * with_duplicates, 1e-20 * base):
+        z64 = z32.double()
+        for fn in (lambda z: knn_entropy(z, 1), lambda z: conditional_knn_entropy(z, y[: len(z)], 1)):
+            a32, a64 = z32.clone().requires_grad_(True), z64.clone().requires_grad_(True)
+            h32, h64 = fn(a32), fn(a64)
+            assert math.isfinite(float(h32)) and float(h32) == pytest.approx(float(h64), rel=1e-6)
+            h32.backward()
+            h64.backward()
+            assert torch.isfinite(a32.grad).all() and torch.isfinite(a64.grad).all()
+    # The collapsed batch is the same batch up to scale: its estimate moves by exactly d·log(1e-20).
+    shift = 8 * math.log(1e-20)
+    assert float(knn_entropy(1e-20 * base.double(), 1)) == pytest.approx(float(knn_entropy(base.double(), 1)) + shift)
+
+
+def test_the_tf32_guard_uses_the_new_precision_api():
+    """torch 2.14 raises on reading the legacy allow_tf32 flag once the fp32_precision API has been used."""
+    from ibbench.estimators import _exact_matmul
+
+    matmul = torch.backends.cuda.matmul
+    if not hasattr(matmul, "fp32_precision"):
+        pytest.skip("this torch has no fp32_precision API")
+    before = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "tf32"
+        with _exact_matmul(torch.device("cuda")):  # the flags exist on CPU builds too
+            assert matmul.fp32_precision == "ieee"
+        assert matmul.fp32_precision == "tf32"
+    finally:
+        matmul.fp32_precision = before

@@ -117,3 +117,20 @@ def test_bad_statistics_and_shapes_refused() -> None:
         make_encoder("cnn", (32, 32), 8)
     with pytest.raises(ValueError, match="latent_dim"):
         make_encoder("cnn", CIFAR, 0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+def test_the_latent_layer_runs_in_float32_under_bf16_autocast(name):
+    """The estimator must see float32 latents, not bf16-rounded ones (CPU autocast stands in for CUDA's)."""
+    shape = DIGITS if name != "resnet18" else CIFAR
+    model = make_encoder(name, shape, 16).eval()
+    x = torch.rand(4, *shape, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        features = model.body(model.normalize(x))
+        z = model(x)
+    assert features.dtype == torch.bfloat16  # the body did run in bf16
+    assert z.dtype == torch.float32
+    with torch.no_grad():
+        expected = model.latent(features.float())  # the float32 layer on the autocast features
+    torch.testing.assert_close(z, expected, rtol=0, atol=0)
+    assert not torch.equal(z, z.bfloat16().float())  # not rounded to bf16

@@ -59,6 +59,78 @@ def test_dropconnect_masks_weights_in_training_only(batch):
 
 
 def test_registry_lists_objectives():
-    assert {"ib", "ce", "ce_dropconnect"} <= set(OBJECTIVES.names())
-    with pytest.raises(LookupError, match="allowed: .*ce.*ib"):
-        OBJECTIVES.get("vib")
+    assert {"ib", "ce", "ce_dropconnect", "vib", "nlib"} <= set(OBJECTIVES.names())
+    with pytest.raises(LookupError, match="allowed: .*ce.*ib.*nlib.*vib"):
+        OBJECTIVES.get("vae")
+
+
+# -- vib -------------------------------------------------------------------------------------------------------
+
+
+def vib(beta: float = 0.1, samples: int = 1, latent_dim: int = 5):
+    return make_objective("vib", ObjectiveSettings(latent_dim=latent_dim, num_classes=3, beta=beta,
+                                                   vib_samples=samples))  # fmt: skip
+
+
+def test_vib_kl_matches_the_closed_form():
+    from torch.distributions import Normal, kl_divergence
+
+    from ibbench.objectives.vib import SCALE_SHIFT, gaussian_kl_to_standard
+
+    g = torch.Generator().manual_seed(1)
+    mean, scale = torch.randn(7, 5, generator=g, dtype=torch.float64), torch.rand(7, 5, generator=g) + 0.2
+    expected = kl_divergence(Normal(mean, scale.double()), Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(gaussian_kl_to_standard(mean, scale.double()), expected)
+    # Through the objective: encoder outputs [μ, s] with σ = softplus(s − 5); the logged KL is the batch mean.
+    s_pre = torch.log(torch.expm1(scale.double())) + SCALE_SHIFT  # softplus⁻¹(σ) + 5
+    h = torch.cat([mean, s_pre], 1).float()
+    terms = vib()(h, torch.zeros(7, dtype=torch.long), torch.Generator().manual_seed(0))
+    assert float(terms["kl"]) == pytest.approx(float(expected.mean()), rel=1e-4)
+    assert float(terms["i_xz_bound"]) == float(terms["kl"])
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + 0.1 * float(terms["kl"]), rel=1e-6)
+
+
+def test_vib_gradients_flow_through_the_reparameterised_sample():
+    h = torch.randn(12, 10, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    y = torch.arange(12) % 3
+    objective = vib(beta=0.0)  # no KL: the scale only gets a gradient through the sample z = μ + σ ε
+    objective(h, y, torch.Generator().manual_seed(0))["loss"].backward()
+    assert h.grad[:, :5].abs().sum() > 0 and h.grad[:, 5:].abs().sum() > 0
+    # The evaluation latent is the mean, and the sample follows the generator.
+    torch.testing.assert_close(objective.latent(h), h[:, :5])
+    a = objective.sample(h, torch.Generator().manual_seed(3))
+    b = objective.sample(h, torch.Generator().manual_seed(3))
+    assert torch.equal(a, b) and not torch.equal(a, objective.latent(h))
+    assert vib(samples=4).sample(h, None).shape == (48, 5)
+
+
+def test_vib_refuses_its_own_range_and_the_zero_entropy_noise():
+    with pytest.raises(ValueError, match="β = -0.1"):
+        vib(beta=-0.1)
+    with pytest.raises(ValueError, match="noise"):
+        make_objective("vib", ObjectiveSettings(latent_dim=5, num_classes=3, noise=True))
+    assert OBJECTIVES.get("vib").encoder_width(5) == 10
+
+
+# -- nlib ------------------------------------------------------------------------------------------------------
+
+
+def test_nlib_penalises_its_kde_bound_and_can_learn_its_noise():
+    from ibbench.estimators import kde_mutual_information
+
+    g = torch.Generator().manual_seed(4)
+    h, y = torch.randn(30, 5, generator=g), torch.arange(30) % 3
+    settings = dict(latent_dim=5, num_classes=3, beta=0.5)
+    plain = make_objective("nlib", ObjectiveSettings(**settings))
+    terms = plain(h, y, torch.Generator().manual_seed(0))
+    bound = kde_mutual_information(h, 1 / (2 * torch.pi * torch.e))
+    assert float(terms["i_xz_bound"]) == pytest.approx(float(bound), rel=1e-6)
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + 0.5 * float(bound), rel=1e-5)
+    squared = make_objective("nlib", ObjectiveSettings(**settings, nlib_squared=True))
+    squared.load_state_dict(plain.state_dict())
+    terms = squared(h, y, torch.Generator().manual_seed(0))
+    assert float(terms["loss"]) == pytest.approx(float(terms["ce"]) + 0.5 * float(bound) ** 2, rel=1e-5)
+    assert list(plain.parameters()) != [] and "log_var" not in dict(plain.named_parameters())
+    learned = make_objective("nlib", ObjectiveSettings(**settings, nlib_learn_noise=True))
+    learned(h, y, torch.Generator().manual_seed(0))["loss"].backward()
+    assert learned.log_var.grad is not None and float(learned.log_var.grad) != 0.0

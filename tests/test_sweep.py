@@ -77,7 +77,7 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
         tmp_path / "bad.yaml",
         name="onebad",
         base={**TINY_BASE, "noise": False},
-        grid={"lr": [0.001, 1.0e8], "seed": [0, 1]},
+        grid={"lr": [0.001, 1.0e20], "seed": [0, 1]},  # 1e20: the latents overflow float32
     )
     code = main(["sweep", str(spec_path), "--out", str(tmp_path / "out")])
     assert code == 1
@@ -90,6 +90,28 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
             assert "non-finite" in summary["reason"]
             assert rid in captured.err
     assert "2 done" in captured.out and "2 failed" in captured.out
+
+    # status: ranked by the sweep's metric, --top cuts the list, failed runs listed with their reasons.
+    assert main(["status", str(tmp_path / "out" / "onebad"), "--top", "1"]) == 0
+    status = capsys.readouterr().out
+    root = tmp_path / "out" / "onebad"
+    accuracy = {rid: results.read_summary(root / rid)["final"]["test_acc/gmm"] for rid, s in states.items()
+                if s == "done"}  # fmt: skip
+    best = max(accuracy, key=accuracy.get)
+    assert "best 1 by test_acc/gmm (max)" in status and best in status
+    assert (set(accuracy) - {best}).isdisjoint(status.split("best 1 by", 1)[1].split("failed", 1)[0])
+    failed = [rid for rid, s in states.items() if s == "failed"]
+    assert all(f"failed {rid}: non-finite" in status for rid in failed)
+
+    # --retry-failed trains the failed runs again (they fail again, the same way) and leaves the done ones alone.
+    done_files = {rid: tree_fingerprint(root / rid) for rid in accuracy}
+    started = {rid: results.read_summary(root / rid)["started"] for rid in failed}
+    time.sleep(1.1)  # "started" has a resolution of one second
+    assert main(["sweep", str(spec_path), "--out", str(tmp_path / "out"), "--retry-failed"]) == 1
+    assert all(results.read_summary(root / rid)["started"] != started[rid] for rid in failed)
+    assert all(results.run_state(root / rid) == "failed" for rid in failed)
+    assert {rid: tree_fingerprint(root / rid) for rid in accuracy} == done_files
+    assert "trained 2, skipped 2" in capsys.readouterr().out
 
 
 def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
@@ -120,6 +142,29 @@ def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
     assert f"optuna-dashboard sqlite:///{(out / 'opt' / OPTUNA_DB).resolve()}" in text.replace("\n", "")
 
 
+def start_sweep(spec_path: Path, out: Path) -> subprocess.Popen:
+    """`ibbench sweep` as a user runs it, in its own process group (its Ray processes with it)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [str(Path(sys.executable).parent / "ibbench"), "sweep", str(spec_path), "--out", str(out)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+
+
+def kill_group_when(driver: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL the driver's whole process group once ready() holds (an explicit signal written by the runs)."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if driver.poll() is not None:
+            pytest.fail(f"the sweep ended (exit {driver.returncode}) before it could be killed")
+        if time.monotonic() > deadline:
+            os.killpg(driver.pid, signal.SIGKILL)
+            pytest.fail("the runs did not reach the point to kill at in time")
+        time.sleep(0.1)
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+
 def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
     spec_path = write_spec(
         tmp_path / "kill.yaml",
@@ -127,31 +172,14 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
         base={**TINY_BASE, "epochs": 10},
         grid={"beta": [0.05, 0.3, 0.6, 0.9]},
         resources={"cpu": 1},
+        max_concurrent=1,  # one run at a time: when the first is DONE, three are not
     )
     out = tmp_path / "out"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    driver = subprocess.Popen(
-        [str(Path(sys.executable).parent / "ibbench"), "sweep", str(spec_path), "--out", str(out)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
     spec = load_sweep(spec_path)
-    deadline = time.time() + 240
-    while time.time() < deadline:
-        states = [p.state for p in plan(spec, out)]
-        if "done" in states and any(state != "done" for state in states):  # mid-sweep: some done, some not
-            break
-        if driver.poll() is not None:
-            pytest.fail("the sweep finished before it could be killed")
-        time.sleep(0.2)
-    else:
-        pytest.fail(f"no run finished in time: {states}")
-    driver.send_signal(signal.SIGKILL)
-    driver.wait()
+    driver = start_sweep(spec_path, out)
+    kill_group_when(driver, lambda: any((p.run_dir / results.DONE).exists() for p in plan(spec, out)))
     done_before = {p.run_id: tree_fingerprint(p.run_dir) for p in plan(spec, out) if p.state == "done"}
-    assert done_before
+    assert done_before and len(done_before) < 4
 
     outcome = run_sweep(spec, out)
     assert outcome.ok
@@ -160,9 +188,38 @@ def test_sigkill_of_the_driver_loses_nothing(tmp_path, ray_runtime):
     for rid, fingerprint in done_before.items():
         assert tree_fingerprint(out / "kill" / rid) == fingerprint
     assert set(outcome.skipped) == set(done_before)
+    for p in after:  # every run trained each epoch once
+        assert [row["epoch"] for row in results.read_metrics(p.run_dir)] == list(range(1, 11))
+
+
+def test_a_search_whose_driver_was_killed_resumes_its_running_trial(tmp_path, ray_runtime):
+    search = {"algorithm": "optuna", "num_samples": 2, "metric": "test_acc/gmm", "mode": "max",
+              "space": {"beta": {"uniform": [0.0, 0.9]}}}  # fmt: skip
+    spec_path = write_spec(tmp_path / "sk.yaml", name="sk", base={**TINY_BASE, "epochs": 8}, search=search,
+                           resources={"cpu": 1}, max_concurrent=1)  # fmt: skip
+    out = tmp_path / "out"
+    driver = start_sweep(spec_path, out)
+    # Killed once the first trial's run has checkpointed an epoch: its Optuna trial is RUNNING then.
+    kill_group_when(driver, lambda: any((out / "sk").glob("*/checkpoint.pt")))
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'sk' / OPTUNA_DB}")
+    (running,) = optuna.load_study(study_name="sk", storage=storage).get_trials(
+        states=(optuna.trial.TrialState.RUNNING,)
+    )
+    (run_dir,) = [d for d in (out / "sk").iterdir() if (d / "checkpoint.pt").exists()]
+    assert results.run_state(run_dir) == "incomplete"
+
+    outcome = run_sweep(load_sweep(spec_path), out)
+    assert outcome.ok and len(outcome.states) == 2 and set(outcome.states.values()) == {"done"}
+    study = optuna.load_study(study_name="sk", storage=storage)
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 2  # the budget is met: the interrupted trial did not use it up
+    assert any(t.params == running.params for t in complete)  # re-asked with the same parameters ...
+    assert [row["epoch"] for row in results.read_metrics(run_dir)] == list(range(1, 9))  # ... resumed, not redone
 
 
 def test_asha_stops_are_final_and_not_retrained(tmp_path, ray_runtime):
+    # Trials run one at a time and much of the space cannot learn (lr near 1e-7): once a better trial has reported
+    # at a rung, ASHA must stop any that does worse there. The sampler is seeded, so the test is deterministic.
     search = {
         "algorithm": "optuna",
         "num_samples": 4,
@@ -170,15 +227,23 @@ def test_asha_stops_are_final_and_not_retrained(tmp_path, ray_runtime):
         "mode": "max",
         "scheduler": "asha",
         "grace_period": 1,
-        "space": {"beta": {"uniform": [0.0, 0.95]}},
+        "seed": 0,
+        "space": {"lr": {"loguniform": [1.0e-7, 0.003]}},
     }
-    spec_path = write_spec(tmp_path / "asha.yaml", name="asha", base={**TINY_BASE, "epochs": 4}, search=search)
+    base = {**TINY_BASE, "epochs": 4, "noise": False}
+    spec_path = write_spec(tmp_path / "asha.yaml", name="asha", base=base, search=search, max_concurrent=1)
     out = tmp_path / "out"
     outcome = run_sweep(load_sweep(spec_path), out)
     assert outcome.ok, outcome.states
     assert set(outcome.states.values()) <= {"done", "stopped"} and len(outcome.states) == 4
+    stopped = [rid for rid, state in outcome.states.items() if state == "stopped"]
+    assert stopped, "ASHA stopped nothing"
     for rid, state in outcome.states.items():
+        epochs = [row["epoch"] for row in results.read_metrics(out / "asha" / rid)]
         if state == "stopped":
             assert "ASHA" in results.read_summary(out / "asha" / rid)["reason"]
+            assert epochs[-1] < 4  # really stopped early, before its last epoch
+        else:
+            assert epochs == [1, 2, 3, 4]
     again = run_sweep(load_sweep(spec_path), out)
     assert again.trained == [] and again.states == outcome.states

@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -42,14 +44,17 @@ def expected_runs(raw: dict) -> tuple[int, list]:
     grid = raw.get("grid") or {}
     axes = [values for key, values in grid.items() if key != "decoder"]
     seeds = grid.get("seed", [(raw.get("base") or {}).get("seed", RunConfig.seed)])
-    return math.prod(len(v) for v in axes) + len(raw.get("baselines") or []) * len(seeds), seeds
+    # A list in a baselines entry is that entry's own axis (a list of lists for the list fields).
+    per_entry = [math.prod(len(v) for k, v in b.items() if isinstance(v, list) and (k not in ("decoders", "fgsm_eps")
+                           or all(isinstance(x, list) for x in v))) for b in raw.get("baselines") or []]  # fmt: skip
+    return math.prod(len(v) for v in axes) + sum(per_entry) * len(seeds), seeds
 
 
 # -- the shipped sweep files -------------------------------------------------------------------------------------
 
 
 def test_all_sweeps_shipped():
-    assert SHIPPED <= {p.stem for p in SWEEP_FILES}
+    assert SHIPPED | {"ib_family", "ib_family_digits"} <= {p.stem for p in SWEEP_FILES}
 
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=lambda p: p.stem)
@@ -70,14 +75,17 @@ def test_sweep_file_loads_and_expands(path: Path):
     # The decoder axis folds into every run's decoders list (baselines included): one encoder per combination.
     decoders = tuple(grid.get("decoder", base.get("decoders", RunConfig.decoders)))
     assert all(r.decoders == decoders for r in runs)
-    n_grid = count - len(raw.get("baselines") or []) * len(seeds)
+    baselines = raw.get("baselines") or []
+    n_grid = math.prod(len(v) for k, v in grid.items() if k != "decoder")
     for key, values in grid.items():
         if key != "decoder":
             assert {getattr(r, key) for r in runs[:n_grid]} == set(values), key
-    baselines = raw.get("baselines") or []
-    assert [(r.objective, r.seed) for r in runs[n_grid:]] == [
-        (b.get("objective", base.get("objective", RunConfig.objective)), s) for b in baselines for s in seeds
-    ]
+    expected_tail = []
+    for b in baselines:
+        axes = [v for v in b.values() if isinstance(v, list)]
+        objective = b.get("objective", base.get("objective", RunConfig.objective))
+        expected_tail += [(objective, s) for _ in range(math.prod(len(v) for v in axes)) for s in seeds]
+    assert [(r.objective, r.seed) for r in runs[n_grid:]] == expected_tail
     for key, value in base.items():
         if key not in grid and all(key not in b for b in baselines):
             want = tuple(value) if isinstance(value, list) else value
@@ -160,6 +168,30 @@ def test_baselines_crossed_with_seeds(tmp_path: Path):
     assert [(r.objective, r.seed, r.noise) for r in runs[6:]] == [
         (obj, seed, False) for obj in ("ce", "ce_dropconnect") for seed in (0, 1, 2)
     ]
+
+
+def test_a_list_in_a_baselines_entry_is_its_own_axis(tmp_path: Path):
+    path = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100, decoders: [gmm]}\n"
+                 "grid: {beta: [0.1, 0.5], seed: [0, 1]}\n"
+                 "baselines:\n  - {objective: vib, beta: [0.001, 0.01, 0.1]}\n  - {objective: ce}\n"
+                 "  - {objective: ce, decoders: [[gmm], [gmm, logreg]]}\n")  # fmt: skip
+    runs = expand(load_sweep(path))
+    by = {}
+    for cfg in runs:
+        by.setdefault(cfg.objective, []).append(cfg)
+    assert len(by["ib"]) == 4 and all(cfg.noise for cfg in by["ib"])
+    assert sorted((c.beta, c.seed) for c in by["vib"]) == [(b, s) for b in (0.001, 0.01, 0.1) for s in (0, 1)]
+    assert not any(c.noise for c in by["vib"] + by["ce"])  # each objective's own noise default
+    assert sorted({c.decoders for c in by["ce"]}) == [("gmm",), ("gmm", "logreg")]  # 2 distinct ce configs × 2
+    assert len(by["ce"]) == 4  # {objective: ce} and {…, decoders: [[gmm], …]} coincide on [gmm]: one run per seed
+    bad = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100}\n"
+                "baselines:\n  - {objective: vib, beta: []}\n", "bad.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"baselines\[0\]\.beta: an empty list"):
+        load_sweep(bad)
+    out_of_range = write(tmp_path, "name: fam\nbase: {dataset: digits, encoder: mlp, batch_size: 100}\n"
+                         "baselines:\n  - {objective: ib, beta: [0.5, 1.0]}\n", "range.yaml")  # fmt: skip
+    with pytest.raises(ConfigError, match=r"baselines\[0\]\.beta: β'' = 1.0"):
+        load_sweep(out_of_range)
 
 
 def test_baselines_without_seed_axis_use_base_seed(tmp_path: Path):
@@ -264,7 +296,6 @@ def wide_console(monkeypatch):
 
 
 def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
-    ray_before = "ray" in sys.modules
     spec_path = ROOT / "sweeps" / "quickstart.yaml"
     out = tmp_path / "runs"
     assert cli.main(["sweep", str(spec_path), "--dry-run", "--out", str(out)]) == 0
@@ -275,8 +306,6 @@ def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
         assert results.run_id(cfg) in text
     assert text.count(" new ") >= len(runs)  # one state cell per run
     assert not out.exists()  # a dry run writes nothing
-    if not ray_before:
-        assert "ray" not in sys.modules  # and never starts (or imports) Ray
 
     # --set reaches the runs: other run_ids; a finished run shows as done.
     planned = plan(load_sweep(spec_path, ["epochs=2"]), out)
@@ -286,6 +315,23 @@ def test_dry_run_lists_every_run(tmp_path: Path, capsys, wide_console):
     text = capsys.readouterr().out
     assert f"{len(runs)} runs: 1 done, {len(runs) - 1} new" in text
     assert all(p.run_id in text for p in planned)
+
+
+@pytest.mark.parametrize("sweep", ["quickstart", "optuna_beta_k"])
+def test_a_dry_run_never_imports_ray(tmp_path: Path, sweep: str):
+    """In a fresh interpreter, so that no earlier test's import of Ray can hide one."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from ibbench import cli
+        code = cli.main(["sweep", {str(ROOT / "sweeps" / f"{sweep}.yaml")!r}, "--dry-run", "--out", {str(tmp_path)!r}])
+        print("exit", code, "ray imported:", sorted(m for m in sys.modules if m == "ray" or m.startswith("ray.")))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "exit 0 ray imported: []" in proc.stdout, proc.stdout[-500:]
+    assert not list(tmp_path.iterdir())  # and writes nothing
 
 
 def test_dry_run_search(tmp_path: Path, capsys, wide_console):
@@ -312,3 +358,37 @@ def test_dry_run_bad_set_exits_2(tmp_path: Path, capsys):
     assert cli.main(["sweep", str(path), "--dry-run", "--out", str(tmp_path), "--set", "betta=0.3"]) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: --set: betta: unknown field"), lines
+
+
+# -- pre-flight checks: before Ray starts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "changes, field, needle",
+    [
+        ({"resources": {"cpu": 4096}}, "resources.cpu", "4096 CPUs per trial, but this machine has"),
+        ({"resources": {"cpu": 1, "gpu": 1}}, "resources.gpu", "1 GPU per trial, but this machine has 0"),
+        ({"base": {"dataset": "cifar10", "data_dir": "<empty>", "epochs": 1}}, "data_dir", "CIFAR-10 not found"),
+    ],
+    ids=["cpu", "gpu", "cifar10_missing"],
+)
+def test_preflight_refuses_before_ray_starts(tmp_path: Path, changes: dict, field: str, needle: str):
+    if field == "resources.gpu" and __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    spec = {"name": "pre", "base": {"dataset": "digits", "encoder": "mlp", "epochs": 1, "batch_size": 100},
+            "grid": {"beta": [0.1]}}  # fmt: skip
+    for key, value in changes.items():
+        spec[key] = {**spec.get(key, {}), **value} if key == "base" else value
+    if spec["base"].get("data_dir") == "<empty>":
+        (tmp_path / "empty").mkdir()
+        spec["base"]["data_dir"] = str(tmp_path / "empty")
+    path = tmp_path / "pre.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp_path / "runs"
+    # The real command in a fresh process: a check that came after Ray's start would leave Ray's files behind.
+    proc = subprocess.run([str(Path(sys.executable).parent / "ibbench"), "sweep", str(path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and needle in lines[0] and f": {field}: " in lines[0], lines
+    assert not (out / "pre" / ".ray").exists() and not list(out.glob("pre/*/config.json"))

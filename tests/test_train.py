@@ -1,11 +1,13 @@
 """train.run end to end on digits: the run directory, resume after SIGKILL, failure records, skip when done."""
 
 import json
+import math
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import traceback
 
 import pytest
 import torch
@@ -86,7 +88,7 @@ def test_a_folder_with_another_runs_config_is_refused(tmp_path):
 
 
 def test_divergence_is_recorded_as_failed_with_a_reason(tmp_path):
-    cfg = small(epochs=3, lr=1e8, noise=False)
+    cfg = small(epochs=3, lr=1e20, noise=False)  # latents overflow float32 within the first epoch
     with pytest.raises(train.TrainingFailed, match="non-finite"):
         train.run(cfg, tmp_path / "r")
     summary = json.loads((tmp_path / "r" / "summary.json").read_text())
@@ -111,14 +113,19 @@ KILLED_RUN = textwrap.dedent(
 )
 
 
+def killed_run(script_text: str, cfg: RunConfig, run_dir):
+    """Run cfg in a child process with script_text, which SIGKILLs itself; the run is left incomplete."""
+    script = run_dir.parent / "killed.py"
+    script.write_text(script_text.format(cfg=cfg.to_dict()))
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    proc = subprocess.run([sys.executable, str(script), str(run_dir)], env=env, timeout=300)
+    assert proc.returncode == -signal.SIGKILL
+    assert results.run_state(run_dir) == "incomplete"
+
+
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     cfg = small(epochs=4)
-    script = tmp_path / "killed.py"
-    script.write_text(KILLED_RUN.format(cfg=cfg.to_dict()))
-    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "resumed")], env=env, timeout=300)
-    assert proc.returncode == -signal.SIGKILL
-    assert results.run_state(tmp_path / "resumed") == "incomplete"
+    killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
     train.run(cfg, tmp_path / "resumed")
@@ -138,3 +145,107 @@ def test_report_is_called_at_each_eval_epoch(tmp_path):
     train.run(small(epochs=4, eval_every=2), tmp_path / "r", report=seen.append)
     assert [r["epoch"] for r in seen] == [2, 4]
     assert all("acc/gmm" in r for r in seen)
+
+
+PREEMPTED_IN_ROBUSTNESS = textwrap.dedent(
+    """
+    import os, signal, sys
+    from ibbench import train
+    from ibbench.config import RunConfig
+    cfg = RunConfig.from_dict({cfg!r})
+
+    def preempted(*args, **kwargs):  # the last epoch is checkpointed; die while the attacks run
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    train._robustness = preempted
+    train.run(cfg, sys.argv[1])
+    """
+)
+
+
+def test_a_run_preempted_during_the_robustness_phase_finishes_without_training_again(tmp_path):
+    cfg = small(epochs=2)
+    killed_run(PREEMPTED_IN_ROBUSTNESS, cfg, tmp_path / "resumed")
+    assert [r["epoch"] for r in results.read_metrics(tmp_path / "resumed")] == [1, 2]
+
+    epochs_trained = []
+    train.run(cfg, tmp_path / "resumed", progress=epochs_trained.append)
+    assert epochs_trained == []  # nothing trained again: only the robustness phase was left
+    train.run(cfg, tmp_path / "straight")
+    resumed, straight = (results.read_metrics(tmp_path / name) for name in ("resumed", "straight"))
+    assert [r["epoch"] for r in resumed] == [1, 2]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+    summaries = [results.read_summary(tmp_path / name) for name in ("resumed", "straight")]
+    assert summaries[0]["status"] == "done" and summaries[0]["robustness"] == summaries[1]["robustness"]
+
+
+def test_an_error_that_is_not_a_training_failure_is_recorded_with_its_reason(tmp_path, monkeypatch):
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(train, "information_plane", out_of_memory)  # the first evaluation runs out of memory
+    with pytest.raises(train.TrainingFailed, match="OutOfMemoryError"):
+        train.run(small(epochs=2), tmp_path / "r")
+    summary = results.read_summary(tmp_path / "r")
+    assert summary["status"] == "failed" and results.run_state(tmp_path / "r") == "failed"
+    assert summary["reason"].startswith("OutOfMemoryError: CUDA out of memory")
+
+
+@pytest.mark.parametrize("objective, beta", [("vib", 1e-3), ("nlib", 0.1)])
+def test_the_other_ib_objectives_run_the_same_way(tmp_path, objective, beta):
+    cfg = small(objective=objective, beta=beta, epochs=2, lr=3e-3)
+    assert cfg.noise is False  # their noise is their own
+    summary = train.run(cfg, tmp_path / objective)
+    final = summary["final"]
+    assert final["acc/head"] > 0.5 and final["acc/gmm"] > 0.5
+    assert {"gmm", "head"} == set(summary["robustness"])
+    assert final["train/i_xz_bound"] > 0  # the objective's own bound on I(X;Z), next to the k-NN one
+    assert math.isfinite(final["infoplane/i_xz"])
+
+
+def test_vib_without_its_kl_term_learns_like_cross_entropy(tmp_path):
+    """β = 0: CE with a stochastic layer; on digits its accuracy is within a few points of plain CE."""
+    accuracy = {}
+    for objective in ("ce", "vib"):
+        cfg = small(objective=objective, beta=0.0, epochs=4, lr=3e-3, noise=False, decoders=["gmm"])
+        accuracy[objective] = train.run(cfg, tmp_path / objective)["final"]["acc/head"]
+    assert accuracy["ce"] > 0.85 and abs(accuracy["vib"] - accuracy["ce"]) <= 0.05, accuracy
+
+
+class _HostReads(torch.overrides.TorchFunctionMode):
+    """Counts the tensor calls that make the host wait for the device (on CUDA: a sync)."""
+
+    SYNCING = ("__bool__", "item", "tolist", "cpu", "__float__", "__int__", "numpy", "__index__")
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in self.SYNCING:
+            # Adam reads its `step` counter with .item(): a host tensor (train.py keeps it there), so no sync.
+            caller = traceback.extract_stack(limit=3)[0].filename
+            self.count += f"torch{os.sep}optim{os.sep}" not in caller
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("objective, most", [("ib", 2), ("ce", 0), ("vib", 0), ("nlib", 0)])
+def test_a_training_step_reads_the_device_at_most_twice(objective, most):
+    """Host reads per step, counted on CPU as the difference between a 3-step and a 1-step epoch (what an epoch
+    reads once, such as the loss means and the health check, cancels out)."""
+    from ibbench.data import load_dataset
+
+    cfg = small(objective=objective, beta=0.001 if objective == "vib" else 0.05, batch_size=100)
+    data = load_dataset("digits")
+    device = torch.device("cpu")
+    model = train._build(cfg, data, device)
+    optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.objective.parameters()], lr=cfg.lr)
+    loader = train.make_loader(cfg, data, device)
+    batches = list(loader)
+    reads = {}
+    for steps in (1, 3):
+        with _HostReads() as counter:
+            train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
+        reads[steps] = counter.count
+    assert (reads[3] - reads[1]) / 2 <= most, reads

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ibbench.config import SweepSpec
-from ibbench.sweep import RAY_SCRATCH, Event, SweepOutcome, run_sweep, sweep_dir
+from ibbench.sweep import RAY_SCRATCH, Event, SweepOutcome, check_resources, run_sweep, sweep_dir
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,14 @@ def keep_ray_logs(temp_dir: str | Path, logs_to: Path, prefix: str = "logs-") ->
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def preflight(spec: SweepSpec) -> None:
+    """ConfigError before Ray starts when one trial needs more than this machine has (the local runtime gets
+    this machine's CPUs and GPUs)."""
+    import torch
+
+    check_resources(spec, os.cpu_count() or 1, torch.cuda.device_count(), "this machine")
+
+
 def launch(
     spec: SweepSpec,
     out: Path,
@@ -111,5 +119,6 @@ def launch(
     on_event: Event | None = None,
 ) -> SweepOutcome:
     """Run the sweep's pending runs with Ray Tune on this machine; Ray's own logs end up in <sweep>/.ray/."""
+    preflight(spec)
     with local_ray(sweep_dir(spec, out) / RAY_SCRATCH):
         return run_sweep(spec, out, retry_failed=retry_failed, on_event=on_event)
