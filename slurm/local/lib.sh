@@ -49,7 +49,10 @@ NODES_FILE=$BASE/nodes # what start.sh last set up: 1 or 2
 NODES=""
 while (($#)); do
 	case $1 in
-	--nodes) NODES=${2:-}; shift 2 || true ;;
+	--nodes)
+		NODES=${2:-}
+		shift $(($# > 1 ? 2 : 1))
+		;;
 	--nodes=*) NODES=${1#--nodes=}; shift ;;
 	*) echo "slurm-local: unknown argument $1 (allowed: --nodes 1|2)" >&2; exit 2 ;;
 	esac
