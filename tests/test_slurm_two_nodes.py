@@ -250,11 +250,12 @@ def test_fractional_gpus_pack_eight_trials_on_two_declared_gpus(tmp_path):
 
 
 def test_an_array_spreads_over_both_nodes_retries_a_failed_run_and_writes_sweep_yaml(tmp_path, capsys):
-    """slurm-array on partition `two`: the tasks land on both nodes; with --retry-failed a failed run's reason is
-    kept until its job runs, which retrains it; sweep.yaml is written, so `status` ranks by the sweep's metric;
+    """slurm-array on partition `two`: the tasks land on both nodes (3 of a node's 4 CPUs each: one per node,
+    whichever node an earlier test's job may still hold for a moment); with --retry-failed a failed run's reason
+    is kept until its job runs, which retrains it; sweep.yaml is written, so `status` ranks by the sweep's metric;
     a ledger with a garbled and a torn line (a submitter killed mid-write) does not stop the submission."""
     base = {**TINY_RUN, "decoders": ["logreg"]}
-    spec_path = write_spec(tmp_path, name="arr2", base=base, grid={"beta": [0.05, 0.5]})
+    spec_path = write_spec(tmp_path, name="arr2", base=base, grid={"beta": [0.05, 0.5]}, resources={"cpu": 3})
     out = tmp_path / "out"
     root = out / "arr2"
     first, second = plan(load_sweep(spec_path), out)
