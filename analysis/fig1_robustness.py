@@ -1,4 +1,5 @@
-"""Figure 1: accuracy vs FGSM ε, one line per β'', noise solid / no noise dashed, CE+DropConnect black dashed.
+"""Figure 1: worst-case accuracy vs ε, a panel per decoder family, one line per β'', baselines through the same
+decoder (dashed) and their own classifier (dotted).
 
     python analysis/fig1_robustness.py RESULTS_DIR [--out DIR]
 

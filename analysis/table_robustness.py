@@ -1,4 +1,5 @@
-"""Table "robustness": accuracy under FGSM (and PGD) at each ε and the area under the curve, ranked.
+"""Table "robustness": per-image worst-case accuracy over the attack suite at each ε, its AUC (ranked within each
+decoder), the paper's FGSM AUC beside it, and the masking check.
 
     python analysis/table_robustness.py RESULTS_DIR [--out DIR]
 

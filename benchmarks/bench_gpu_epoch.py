@@ -8,7 +8,9 @@ backward, Adam) on the same data, the same initial weights and the same pad-4 cr
   plain : what a typical script does: a CPU TensorDataset through torch's DataLoader(batch_size, shuffle=True,
           num_workers, pin_memory) with a per-batch .to(device, non_blocking=True), the same augment_cifar applied
           on the device after the copy, float32, contiguous (NCHW) memory, cudnn.benchmark off. Workers start anew
-          each epoch (no persistent_workers), as in most scripts. Batches are shuffled, not class-balanced.
+          each epoch (no persistent_workers), as in most scripts. Its batches are class-balanced too (a batch
+          sampler over the same balanced_batches), so both paths run the same batched estimator and the ratio
+          measures the loader, autocast and layout only.
 
 Data: CIFAR-10's training split when it is found (--data-dir, or ibbench's default folder), else synthetic
 CIFAR-sized class blobs (make_synthetic); the step cost does not depend on the pixels. Evaluation is not timed.
@@ -31,7 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from ibbench import train
 from ibbench.config import RunConfig
-from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset, make_synthetic
+from ibbench.data import Dataset, DeviceLoader, augment_cifar, balanced_batches, load_dataset, make_synthetic
 from ibbench.errors import ConfigError
 
 GOAL_SECONDS = 3.0  # the issue's goal for the fast epoch on an H200
@@ -55,21 +57,32 @@ def get_data(n: int, data_dir: str | None, seed: int) -> tuple[Dataset, str]:
     return data, f"CIFAR-10 train split, n={len(data.train_y)}"
 
 
+class BalancedBatches:
+    """A batch sampler of class-balanced index batches (ibbench's balanced_batches), reshuffled each epoch."""
+
+    def __init__(self, y: torch.Tensor, batch_size: int, k: int, seed: int):
+        self.y, self.batch_size, self.k = y.cpu(), batch_size, k
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.y) // self.batch_size
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in balanced_batches(self.y, self.batch_size, self.k, self.generator):
+            yield batch.tolist()
+
+
 class PlainLoader:
     """A plain torch DataLoader over CPU tensors, each batch copied to the device and augmented there."""
 
-    def __init__(self, data: Dataset, batch_size: int, device: torch.device, workers: int, seed: int):
+    def __init__(self, data: Dataset, batch_size: int, device: torch.device, workers: int, seed: int, k: int):
         self.device = device
-        self.generator = torch.Generator().manual_seed(seed)
         self.aug_generator = torch.Generator().manual_seed(seed + 1)
         self.loader = DataLoader(
             TensorDataset(data.train_x, data.train_y),
-            batch_size=batch_size,
-            shuffle=True,
-            drop_last=True,  # the same N // batch_size steps as the DeviceLoader
+            batch_sampler=BalancedBatches(data.train_y, batch_size, k, seed),  # the same N // batch_size steps
             num_workers=workers,
             pin_memory=device.type == "cuda",
-            generator=self.generator,
         )
 
     def __len__(self) -> int:
@@ -87,6 +100,7 @@ def run_path(
 ) -> list[float]:
     """Seconds of each timed epoch of train._train_epoch, after `warmup` untimed steps."""
     train.seed_everything(cfg.seed)  # the same initial weights on both paths
+    train.set_precision(cfg, device)  # as train.run sets it
     model = train._build(cfg, data, device)
     params = list(model.encoder.parameters()) + list(model.objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
@@ -109,7 +123,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=500, help="class-balanced batch (default 500 = 50/class)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     parser.add_argument("--data-dir", help="folder holding cifar-10-batches-py (default: ibbench's default folder)")
-    parser.add_argument("--epochs", type=int, default=1, help="timed epochs per path after the warm-up (default 1)")
+    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per path after the warm-up (default 3)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per path first (cudnn autotune)")
     parser.add_argument("--workers", type=int, default=4, help="DataLoader workers of the plain path (default 4)")
     parser.add_argument("--k", type=int, default=1, help="neighbour rank of the estimator (default 1)")
@@ -142,7 +156,7 @@ def main() -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    plain_loader = PlainLoader(data, args.batch_size, device, args.workers, seed=0)
+    plain_loader = PlainLoader(data, args.batch_size, device, args.workers, seed=0, k=args.k)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     steps = len(fast_loader)
     images = steps * args.batch_size
@@ -153,10 +167,11 @@ def main() -> int:
     )
     if device.type == "cuda":
         print("fast : DeviceLoader + bf16 autocast + channels_last + cudnn.benchmark")
-        print(f"plain: DataLoader(num_workers={args.workers}, pin_memory, shuffle) + .to(device) + fp32, NCHW")
+        print(f"plain: DataLoader(num_workers={args.workers}, pin_memory, balanced batches) + .to(device) + fp32 "
+              "(IEEE, no TF32), NCHW")  # fmt: skip
     else:  # train.py applies bf16 autocast and channels_last on CUDA only
         print("fast : DeviceLoader, float32 (bf16 autocast and channels_last are CUDA-only in train.py)")
-        print(f"plain: DataLoader(num_workers={args.workers}, shuffle), float32")
+        print(f"plain: DataLoader(num_workers={args.workers}, balanced batches), float32")
 
     torch.backends.cudnn.benchmark = False
     plain = run_path("plain", plain_cfg, data, plain_loader, device, args.warmup, args.epochs)

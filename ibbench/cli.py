@@ -73,7 +73,11 @@ def _run_command(args: argparse.Namespace) -> int:
             return 130
         except train.TrainingFailed as exc:
             progress.stop()
-            err_console.print(f"run failed: {exc} (see {run_dir / results.SUMMARY})", markup=False)
+            err_console.print(f"run failed: {exc} (see {run_dir / results.SUMMARY})", markup=False, soft_wrap=True)
+            return 1
+        except (results.RunLocked, OSError) as exc:  # held by another process; a disk that refuses any write
+            progress.stop()
+            err_console.print(f"run not trained: {exc}", markup=False, soft_wrap=True)
             return 1
     _print_summary(summary)
     return 0
@@ -182,16 +186,24 @@ def _counts(states) -> str:
 
 def _sweep_command(args: argparse.Namespace) -> int:
     from ibbench.config import load_sweep
-    from ibbench.sweep import optuna_trial_count, plan, sweep_dir, sweep_metric
+    from ibbench.sweep import archive_study, check_study, optuna_trial_count, plan, sweep_dir, sweep_metric
 
-    spec = load_sweep(args.spec, args.set)
+    spec = load_sweep(args.spec, args.set, max_runs=args.max_runs)
     out = Path(args.out)
+    if args.new_study and not args.dry_run:
+        kept = archive_study(spec, out)
+        if kept is not None:
+            console.print(f"starting a new study; the previous one is kept in {kept}")
+    elif not args.new_study:
+        check_study(spec, out)  # a changed sweep must not top up a study whose trials meant something else
     planned = plan(spec, out)
     if args.dry_run:
         if spec.search is None:
-            console.print(
-                _plan_table(planned, f"sweep {spec.name}: {len(planned)} runs in {sweep_dir(spec, out)}")
-            )
+            # Rendering is ~3 ms a row: a 10⁴-run grid is summarised rather than listed.
+            shown = planned if len(planned) <= DRY_RUN_ROWS else planned[: DRY_RUN_ROWS // 2]
+            console.print(_plan_table(shown, f"sweep {spec.name}: {len(planned)} runs in {sweep_dir(spec, out)}"))
+            if len(shown) < len(planned):
+                console.print(f"… and {len(planned) - len(shown)} more runs (the first {len(shown)} are listed)")
         else:
             s = spec.search
             space = ", ".join(f"{k} ~ {kind}{list(a)}" for k, kind, a in s.space)
@@ -222,6 +234,9 @@ def _sweep_command(args: argparse.Namespace) -> int:
         return _submit_slurm(spec, out, args)
     metric, mode = sweep_metric(spec)
     return _run_local_sweep(spec, out, metric, mode, args.retry_failed, args.verbose)
+
+
+DRY_RUN_ROWS = 200  # a dry run lists every run up to this many
 
 
 def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
@@ -398,10 +413,16 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
         err_console.print(f"failed: {rid}: {reason} ({outcome.sweep_dir / rid / 'summary.json'})", markup=False)
     if outcome.retried:
         err_console.print(f"retried after their process died: {', '.join(outcome.retried)}", soft_wrap=True)
+    for trial, reason in outcome.trial_failures.items():
+        err_console.print(f"failed before its run started: {trial}: {reason}", markup=False, soft_wrap=True)
+    trial_failures = f", {len(outcome.trial_failures)} trials failed before starting" if outcome.trial_failures else ""
     console.print(f"trained {len(outcome.trained)}, skipped {len(outcome.skipped)} already done; "
-                  f"{_counts(outcome.states.values())}")  # fmt: skip
+                  f"{_counts(outcome.states.values())}{trial_failures}")  # fmt: skip
     if not verbose:
         console.print(f"Ray's own output and logs: {scratch}/", soft_wrap=True, highlight=False)
+    if outcome.interrupted:
+        err_console.print("interrupted: run the same command again to resume the unfinished runs")
+        return 130
     return 0 if outcome.ok else 1
 
 
@@ -513,6 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base field")
     sweep.add_argument("--retry-failed", action="store_true", help="train failed runs again (from their checkpoints)")
     sweep.add_argument("--wait", action="store_true", help="slurm launchers: block with a progress view until done")
+    sweep.add_argument("--max-runs", type=int, help="refuse larger grids (default: the file's max_runs)")
+    sweep.add_argument(
+        "--new-study", action="store_true", help="search sweeps: start a new Optuna study (the old one is kept)"
+    )
     sweep.set_defaults(handler=_sweep_command)
 
     status = sub.add_parser("status", help="counts by state and the best runs of a sweep folder")

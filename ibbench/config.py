@@ -6,13 +6,14 @@ Errors read `<file>: <field>: <problem>; allowed: <…>` (ConfigError) and are r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import json
 import math
 import re
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,9 +38,14 @@ __all__ = [
 PAPER_FGSM_EPS = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255)
 DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("off", "bf16")
+# The default attack suite: the paper's FGSM, margin FGSM/PGD, and AutoAttack's APGD-CE, APGD-DLR and Square.
+ATTACK_SUITE = ("fgsm", "fgsm_margin", "pgd_margin", "apgd_ce", "apgd_dlr", "square")
 # Fields that say where a run executes, not what it computes: two machines running the same experiment must
 # share one run directory, so these stay out of the run's identity (results.run_id).
 PLACEMENT_FIELDS = ("data_dir", "download", "device")
+# The largest seed every consumer accepts: numpy's legacy RNG and scikit-learn's splits take 32-bit seeds (torch
+# takes 64-bit ones); a larger seed would pass validation and crash the run.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass(frozen=True)
@@ -71,8 +77,21 @@ class RunConfig:
     probe_width: int = 1024  # width of the ResFC fitted on test latents for H[Y|Z]; the paper's 1024
     eval_every: int = 5  # epochs between evaluations (decoders, information plane): they cost ~an epoch
     fgsm_eps: tuple[float, ...] = PAPER_FGSM_EPS  # L∞ radii in [0, 1] pixel units for the final robustness curve
-    pgd_steps: int = 0  # > 0 also runs PGD with this many steps at the same radii
+    # The attack suite (ibbench.attacks): every radius of fgsm_eps is attacked by each of these; the report ranks
+    # by the per-image worst case over them. fgsm is the paper's (cross-entropy); the margin/DLR attacks see
+    # through a saturated softmax and Square through any gradient masking.
+    attacks: tuple[str, ...] = ATTACK_SUITE  # attack names (ibbench.attacks.ATTACKS), the suite described above
+    pgd_steps: int = 20  # gradient steps of each PGD restart (pgd, pgd_margin)
+    pgd_restarts: int = 1  # PGD restarts from random points; an image counts as broken if any restart breaks it
+    pgd_step_size: float = 2.5  # PGD step α = pgd_step_size · ε / pgd_steps (Madry et al.'s 2.5: can cross the ball)
+    apgd_steps: int = 100  # APGD-CE / APGD-DLR iterations, AutoAttack's standard 100
+    apgd_restarts: int = 1  # APGD restarts, AutoAttack's standard version uses 1
+    square_queries: int = 1000  # Square's query budget per image and radius (the black-box check of the gradients)
+    attack_images: int = 1000  # size of the fixed class-stratified test subset attacked (all of digits' 450)
+    attack_seed: int = 0  # seeds the attacked subset, random starts and Square's search, apart from training
+    eot_draws: int = 0  # 0: attack the deterministic model (noise off); N: average N latent-noise draws (EOT)
     amp: str = "off"  # "bf16": autocast the encoder on GPU (the estimator stays float32)
+    tf32: bool = False  # TF32 for float32 matmuls/convolutions on Ampere+ GPUs; off: IEEE float32, as the paper ran
     channels_last: bool = False  # NHWC memory format for conv encoders on GPU
     device: str = "auto"  # auto: CUDA when present, else CPU
 
@@ -88,11 +107,10 @@ class RunConfig:
         """Validated RunConfig from plain values (YAML, JSON, a sweep trial); ConfigError names the field."""
         if not isinstance(values, Mapping):
             raise ConfigError(source, "(top level)", f"expected a mapping of fields, got {type(values).__name__}")
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(known), key=str)  # key=str: YAML keys may be numbers
+        hints = _hints(cls)  # resolved once: get_type_hints per call was most of a sweep's validation time
+        unknown = sorted(set(values) - set(hints), key=str)  # key=str: YAML keys may be numbers
         if unknown:
-            raise ConfigError(source, str(unknown[0]), "unknown field", ", ".join(known))
-        hints = typing.get_type_hints(cls)
+            raise ConfigError(source, str(unknown[0]), "unknown field", ", ".join(hints))
         coerced = {name: coerce(source, name, value, hints[name]) for name, value in values.items()}
         cfg = cls(**coerced)
         cfg.validate(source)
@@ -100,12 +118,18 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values (tuples as lists)."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        # Fields are flat (scalars and tuples of scalars): no deep copy via dataclasses.asdict needed.
+        values = ((name, getattr(self, name)) for name in _hints(RunConfig))
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in values}
 
     def identity(self) -> str:
         """What the run computes: its values minus the placement fields, as sorted compact JSON (see run_id)."""
-        values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
-        return json.dumps(values, sort_keys=True, separators=(",", ":"))
+        cached = self.__dict__.get("_identity")  # computed once: a sweep asks it for every run several times
+        if cached is None:
+            values = {k: v for k, v in self.to_dict().items() if k not in PLACEMENT_FIELDS}
+            cached = json.dumps(values, sort_keys=True, separators=(",", ":"))
+            object.__setattr__(self, "_identity", cached)
+        return cached
 
     def replace(self, source: str = "<config>", **changes: Any) -> RunConfig:
         """A validated copy with some fields changed."""
@@ -113,10 +137,7 @@ class RunConfig:
 
     def validate(self, source: str = "<config>") -> None:
         """Raise ConfigError for values no run could use; registry names checked against the registries."""
-        from ibbench.data import DATASETS, check_batch
-        from ibbench.decoders import DECODERS
-        from ibbench.models import ENCODERS
-        from ibbench.objectives import OBJECTIVES
+        DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch = _registries()
 
         def fail(name: str, problem: str, allowed: str | None = None) -> typing.NoReturn:
             raise ConfigError(source, name, problem, allowed)
@@ -150,9 +171,10 @@ class RunConfig:
         for name, value in positive.items():
             if value < 1:
                 fail(name, f"{value} is not a positive integer", "an integer ≥ 1")
-        for name, value in {"lr_patience": self.lr_patience, "pgd_steps": self.pgd_steps}.items():
+        for name, value in {"lr_patience": self.lr_patience, "attack_seed": self.attack_seed}.items():
             if value < 0:
                 fail(name, f"{value} is negative", "an integer ≥ 0")
+        self._validate_attacks(fail)
         if not (math.isfinite(self.lr) and self.lr > 0):
             fail("lr", f"{self.lr} is not a positive learning rate", "a number > 0")
         if not (0.0 <= self.dropconnect < 1.0):
@@ -160,7 +182,10 @@ class RunConfig:
         if not self.nlib_noise_var > 0:
             fail("nlib_noise_var", f"{self.nlib_noise_var} is not a positive variance", "a number > 0")
         if self.seed < 0:
-            fail("seed", f"{self.seed} is negative", "an integer ≥ 0")
+            fail("seed", f"{self.seed} is negative", f"an integer ≥ 0 and ≤ {MAX_SEED} (2**32 − 1)")
+        if self.seed > MAX_SEED:
+            fail("seed", f"{self.seed} is too large: numpy and scikit-learn take 32-bit seeds",
+                 f"an integer ≥ 0 and ≤ {MAX_SEED} (2**32 − 1)")  # fmt: skip
         for eps in self.fgsm_eps:
             if not (0.0 <= eps <= 1.0):
                 fail(
@@ -187,11 +212,64 @@ class RunConfig:
 
         return self.k if OBJECTIVES.get(self.objective).knn_batches else 0
 
+    def _validate_attacks(self, fail: Callable[..., typing.NoReturn]) -> None:
+        """The attack fields: known names, positive budgets, a loss the dataset's classes allow."""
+        from ibbench.attacks import ATTACKS
+        DATASETS = _registries()[0]
+
+        if not self.attacks:
+            fail("attacks", "at least one attack is needed", ", ".join(ATTACKS))
+        for name in self.attacks:
+            if name not in ATTACKS:
+                fail("attacks", f"unknown attack {name!r}", ", ".join(ATTACKS))
+        if len(set(self.attacks)) != len(self.attacks):
+            fail("attacks", f"{list(self.attacks)} lists an attack twice")
+        counts = {
+            "pgd_steps": self.pgd_steps,
+            "pgd_restarts": self.pgd_restarts,
+            "apgd_steps": self.apgd_steps,
+            "apgd_restarts": self.apgd_restarts,
+            "square_queries": self.square_queries,
+            "attack_images": self.attack_images,
+        }
+        for name, value in counts.items():
+            if value < 1:
+                fail(name, f"{value} is not a positive integer", "an integer ≥ 1")
+        if self.eot_draws < 0:
+            fail("eot_draws", f"{self.eot_draws} is negative", "0 (noise off during attacks) or draws ≥ 1 (EOT)")
+        if not (math.isfinite(self.pgd_step_size) and self.pgd_step_size > 0):
+            fail("pgd_step_size", f"{self.pgd_step_size} is not a positive step", "a number > 0 (times ε/pgd_steps)")
+        if "apgd_dlr" in self.attacks and self.dataset in DATASETS and DATASETS.get(self.dataset).num_classes < 3:
+            fail("attacks", "apgd_dlr's DLR loss needs at least 3 classes", "the other attacks")
+
+
+@functools.cache
+def _registries() -> tuple:
+    """DATASETS, DECODERS, ENCODERS, OBJECTIVES and check_batch, imported on first use (they import torch)."""
+    from ibbench.data import DATASETS, check_batch
+    from ibbench.decoders import DECODERS
+    from ibbench.models import ENCODERS
+    from ibbench.objectives import OBJECTIVES
+
+    return DATASETS, DECODERS, ENCODERS, OBJECTIVES, check_batch
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """A dataclass's resolved field types, in field order."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+@functools.cache
+def _shape(hint: Any) -> tuple[Any, tuple[Any, ...]]:
+    """typing.get_origin and get_args of a field type, once per type (they cost more than the check itself)."""
+    return typing.get_origin(hint), typing.get_args(hint)
+
 
 def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
     """value converted to the field's declared type, or ConfigError naming the field and the type."""
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
+    origin, args = _shape(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
@@ -223,7 +301,25 @@ def coerce(source: str, name: str, value: Any, hint: Any) -> Any:
 
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-3` as a float: YAML 1.1 (PyYAML) wants a dot, so `lr: 1e-3` was a string."""
+    """SafeLoader that also reads `1e-3` as a float (YAML 1.1 wants a dot, so `lr: 1e-3` was a string) and refuses
+    a key given twice in one mapping (PyYAML keeps the last silently, so a sweep would run something else)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges; its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = lines.setdefault(key, key_node.start_mark.line + 1)
+                except TypeError:  # an unhashable key: the base class reports it
+                    continue
+                if first != key_node.start_mark.line + 1:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line {first})", key_node.start_mark
+                    )
+        return super().construct_mapping(node, deep)
 
 
 _Loader.add_implicit_resolver(
@@ -253,7 +349,7 @@ def read_yaml(path: str | Path) -> Any:
         raise ConfigError(source, where, f"invalid YAML: {problem}") from None
 
 
-_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_.]*$")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, Any]:
@@ -262,7 +358,7 @@ def parse_overrides(items: Sequence[str], source: str = "--set") -> dict[str, An
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
-        if not sep or not _KEY.match(key):
+        if not sep or not _KEY.fullmatch(key):
             raise ConfigError(source, item, "expected key=value", "e.g. --set beta=0.3 --set decoders=[gmm,resfc]")
         try:
             out[key] = _load_yaml(raw) if raw.strip() else ""
@@ -295,8 +391,9 @@ def load_run_config(path: str | Path | None = None, overrides: Sequence[str] | M
 # ---------------------------------------------------------------------------------------------------------------
 # Sweeps
 
-SWEEP_NAME = re.compile(r"^[a-z0-9_-]+$")
-SWEEP_KEYS = ("name", "base", "grid", "baselines", "search", "resources", "max_concurrent")
+SWEEP_NAME = re.compile(r"[a-z0-9_-]+")  # matched with fullmatch
+SWEEP_KEYS = ("name", "base", "grid", "baselines", "search", "resources", "max_concurrent", "max_runs")
+MAX_RUNS = 100_000  # default cap on a grid's size: a typo'd axis must not build millions of configs first
 DECODER_AXIS = "decoder"  # a grid axis of single decoders, folded into each run's `decoders` list
 SEARCH_ALGORITHMS = ("optuna",)
 SCHEDULERS = ("none", "asha")
@@ -336,6 +433,7 @@ class SweepSpec:
     search: SearchSpec | None = None  # an Optuna search instead of the grid
     resources: Resources = Resources()  # per trial
     max_concurrent: int | None = None  # cap on trials at once (None: as many as resources allow)
+    max_runs: int = MAX_RUNS  # a grid larger than this is refused before it is built (raise it on purpose)
     source: str = "<sweep>"  # the file it came from, for error messages
     runs: tuple[RunConfig, ...] = dataclasses.field(default=(), compare=False, repr=False)  # the grid, expanded once
 
@@ -371,13 +469,16 @@ def _check_mapping(source: str, field: str, value: Any, allowed: Sequence[str]) 
     return dict(value)
 
 
-def _number(source: str, field: str, value: Any, minimum: float, integer: bool = False) -> Any:
+def _number(
+    source: str, field: str, value: Any, minimum: float, integer: bool = False, maximum: float = math.inf
+) -> Any:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if integer:
         ok = ok and float(value).is_integer()
-    if not ok or value < minimum:
+    if not ok or not minimum <= value <= maximum:
         kind = "an integer" if integer else "a number"
-        raise ConfigError(source, field, f"{value!r} is not {kind} ≥ {minimum:g}", f"{kind} ≥ {minimum:g}")
+        bounds = f"≥ {minimum:g}" if maximum == math.inf else f"in [{minimum:g}, {maximum:.0f}]"
+        raise ConfigError(source, field, f"{value!r} is not {kind} {bounds}", f"{kind} {bounds}")
     return int(value) if integer else float(value)
 
 
@@ -430,12 +531,15 @@ def _parse_search(source: str, raw: Any) -> SearchSpec:
         algorithm=algorithm,
         scheduler=scheduler,
         grace_period=_number(source, "search.grace_period", values.get("grace_period", 1), 1, integer=True),
-        seed=_number(source, "search.seed", values.get("seed", 0), 0, integer=True),
+        seed=_number(source, "search.seed", values.get("seed", 0), 0, integer=True, maximum=MAX_SEED),
     )
 
 
-def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = ()) -> SweepSpec:
-    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated."""
+def load_sweep(
+    path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = (), max_runs: int | None = None
+) -> SweepSpec:
+    """SweepSpec from a sweep YAML file, `key=value` overrides applied to base; every run it implies validated.
+    max_runs, when given (`--max-runs`), replaces the file's cap on the grid's size."""
     source = str(path)
     raw = read_yaml(path)
     if not isinstance(raw, Mapping):
@@ -444,7 +548,7 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         if key not in SWEEP_KEYS:
             raise ConfigError(source, str(key), "unknown sweep key", ", ".join(SWEEP_KEYS))
     name = raw.get("name")
-    if not isinstance(name, str) or not SWEEP_NAME.match(name):
+    if not isinstance(name, str) or not SWEEP_NAME.fullmatch(name):  # fullmatch: `$` would accept "name\n"
         raise ConfigError(source, "name", f"{name!r} is not a valid sweep name",
                           "lower-case letters, digits, '_' and '-' (it names a folder under --out)")  # fmt: skip
     fields = _run_fields()
@@ -490,6 +594,16 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
     max_concurrent = raw.get("max_concurrent")
     if max_concurrent is not None:
         max_concurrent = _number(source, "max_concurrent", max_concurrent, 1, integer=True)
+    if max_runs is None:
+        max_runs = _number(source, "max_runs", raw.get("max_runs", MAX_RUNS), 1, integer=True)
+    else:
+        max_runs = _number("--max-runs", "--max-runs", max_runs, 1, integer=True)
+    size = math.prod(len(values) for key, values in grid if key != DECODER_AXIS) + len(baselines) * len(
+        dict(grid).get("seed", (None,))
+    )
+    if size > max_runs:
+        raise ConfigError(source, "grid", f"{size} runs exceed max_runs = {max_runs}", f"at most {max_runs} "
+                          "runs; set max_runs in the sweep file (or --max-runs) to allow more")  # fmt: skip
     spec = SweepSpec(
         name=name,
         base=tuple((k, _freeze(v)) for k, v in base.items()),  # lists as tuples: the spec stays hashable
@@ -498,10 +612,32 @@ def load_sweep(path: str | Path, overrides: Sequence[str] | Mapping[str, Any] = 
         search=search,
         resources=resources,
         max_concurrent=max_concurrent,
+        max_runs=max_runs,
         source=source,
     )
     # Every run the sweep implies is built, and so validated, now, before anything starts; once per command.
-    return dataclasses.replace(spec, runs=tuple(expand(spec)))
+    runs = tuple(expand(spec))
+    if search is not None:
+        _check_metric(spec)
+    return dataclasses.replace(spec, runs=runs)
+
+
+def _check_metric(spec: SweepSpec) -> None:
+    """search.metric must be a metric every trial reports (a typo would train a trial, then fail the search)."""
+    from ibbench.metrics import reported_metrics
+
+    space = {key: args for key, kind, args in spec.search.space if kind == "choice"}
+    base = {k: plain(v) for k, v in spec.base}
+    objectives = space.get("objective", [base.get("objective", RunConfig.objective)])
+    decoder_lists = space.get("decoders", [base.get("decoders", RunConfig.decoders)])
+    known = None
+    for objective in objectives:
+        for decoders in decoder_lists:
+            names = set(reported_metrics(objective, plain(decoders)))
+            known = names if known is None else known & names
+    if spec.search.metric not in known:
+        raise ConfigError(spec.source, "search.metric", f"{spec.search.metric!r} is not a metric the runs report",
+                          ", ".join(sorted(known)))  # fmt: skip
 
 
 # -- expansion ---------------------------------------------------------------------------------------------------

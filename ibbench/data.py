@@ -307,7 +307,9 @@ class DeviceLoader:
             check_batch(batch_size, len(torch.unique(y)), k)
         target = torch.device(device) if device is not None else x.device
         memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.x = x.to(target).contiguous(memory_format=memory_format)
+        # Layout first, on the host: converting after the copy would hold both layouts on the device at once
+        # (CIFAR-10's train split is 0.6 GB); .to() keeps the layout.
+        self.x = x.contiguous(memory_format=memory_format).to(target)
         self.y = y.to(target)
         self.batch_size = batch_size
         self.balanced = balanced

@@ -34,8 +34,18 @@ class Decoder(nn.Module, ABC):
             raise ValueError(f"need latent_dim ≥ 1 and num_classes ≥ 2, got {latent_dim} and {num_classes}")
         self.latent_dim = latent_dim
         self.num_classes = num_classes
-        # A buffer rather than an attribute so that a loaded state_dict also counts as fitted.
+        # A buffer so that a saved state_dict says whether the decoder was fitted; forward reads the host-side
+        # flag instead, so that no forward (and no attack step through it) waits for the device.
         self.register_buffer("fitted", torch.zeros((), dtype=torch.bool))
+        self._is_fitted = False
+
+    def _mark_fitted(self) -> None:
+        self.fitted.fill_(True)  # the one place
+        self._is_fitted = True
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self._is_fitted = bool(self.fitted)  # one read when loading, not one per forward
 
     @abstractmethod
     def fit(self, z: torch.Tensor, y: torch.Tensor) -> Decoder:
@@ -65,7 +75,7 @@ class Decoder(nn.Module, ABC):
     def _check_forward_input(self, z: torch.Tensor) -> None:
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise ValueError(f"z must have shape (N, {self.latent_dim}), got {tuple(z.shape)}")
-        if not bool(self.fitted):
+        if not self._is_fitted:
             raise RuntimeError(f"{type(self).__name__} is used before fit()")
 
 
@@ -152,7 +162,7 @@ class GMMDecoder(Decoder):
         self.means.copy_(means.to(dtype))
         self.whiten.copy_(whiten.to(dtype))
         self.offsets.copy_((log_prior - 0.5 * log_det - const).to(dtype))
-        self.fitted.fill_(True)
+        self._mark_fitted()
         log.debug("gmm(%s) fitted on N=%d, d=%d, ridge=%.3g", self.covariance, n, d, ridge)
         return self.eval()
 
@@ -233,14 +243,17 @@ class LogRegDecoder(Decoder):
             return loss
 
         with torch.enable_grad():
-            loss = optimiser.step(closure)
+            optimiser.step(closure)  # returns the loss at the start, not the end
         iterations = optimiser.state[self.linear.weight].get("n_iter", 0)
         if iterations >= self.max_iter:
             log.warning("logreg hit max_iter=%d before tolerance %g", self.max_iter, self.tolerance)
-        log.debug("logreg fitted: loss %.4g nats after %d iterations", float(loss.detach()), iterations)
+        if log.isEnabledFor(logging.DEBUG):
+            with torch.no_grad():
+                final = F.cross_entropy(self.linear(x), y) + 0.5 * self.l2 * self.linear.weight.pow(2).sum()
+            log.debug("logreg fitted: final loss %.4g nats after %d iterations", float(final), iterations)
         for p in self.linear.parameters():
             p.grad = None
-        self.fitted.fill_(True)
+        self._mark_fitted()
         return self.eval()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -373,7 +386,7 @@ class ResFCDecoder(Decoder):
         for p in self.parameters():
             p.grad = None
         log.debug("resfc fitted: %d epochs, best epoch %d, val loss %.4g nats", epoch, best_epoch, best_loss)
-        self.fitted.fill_(True)
+        self._mark_fitted()
         return self.eval()
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

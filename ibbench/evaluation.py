@@ -6,14 +6,26 @@ Plain functions returning floats and dicts of floats; nothing here touches the d
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibbench.attacks import DEFAULT_EPS, eval_mode, robustness_curve
+from ibbench.attacks import (
+    ATTACK_LOSSES,
+    DEFAULT_EPS,
+    WORST,
+    AttackSettings,
+    accuracy_curves,
+    attack_suite,
+    eval_mode,
+    masking_diagnostics,
+    robustness_curve,
+    zero_gradient_share,
+)
 from ibbench.decoders import Decoder, ResFCDecoder, fit_decoder
 from ibbench.estimators import add_zero_entropy_noise, knn_entropy
 
@@ -54,16 +66,38 @@ def encode(
 
 
 class EncoderDecoder(nn.Module):
-    """x (N, ...) -> encoder -> decoder -> logits (N, C), with the latent noise OFF, as the attacks use it."""
+    """x (N, ...) -> encoder -> decoder -> logits (N, C), the model the attacks see.
 
-    def __init__(self, encoder: nn.Module, decoder: Decoder):
+    noise_draws = 0 (the default): the latent noise is off, a deterministic model. noise_draws = N ≥ 1: the
+    noisy model of the paper, p(y|x) = E_ε[p(y | z + ε)], estimated with N fresh zero-entropy noise draws on
+    every forward; its logits are log of the mean softmax, so a gradient through them is the expectation over
+    transformation (EOT) over N draws (Athalye et al. 2018), and its prediction the Monte-Carlo predictive.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        noise_draws: int = 0,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
+        if noise_draws < 0:
+            raise ValueError(f"noise_draws must be ≥ 0, got {noise_draws}")
         self.encoder = encoder
         self.decoder = decoder
+        self.noise_draws = noise_draws
+        self.generator = generator  # noise draws; None: the global RNG
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N, C) for inputs x (N, ...), differentiable in x."""
-        return self.decoder(self.encoder(x))
+        z = self.encoder(x)
+        if self.noise_draws == 0:
+            return self.decoder(z)
+        log_probs = [
+            F.log_softmax(self.decoder(add_zero_entropy_noise(z, self.generator)), 1) for _ in range(self.noise_draws)
+        ]
+        return torch.logsumexp(torch.stack(log_probs), 0) - math.log(self.noise_draws)
 
 
 def fit_decoders(
@@ -131,7 +165,84 @@ def robustness(
     eps_list: Sequence[float] = DEFAULT_EPS,
     attack: str = "fgsm",
     batch_size: int = 256,
+    pgd_steps: int = 10,
+    generator: torch.Generator | None = None,
 ) -> dict[float, float]:
-    """Accuracy (fraction in [0, 1]) per eps of encoder + decoder (noise off) on pixels x (N, ...)."""
+    """Accuracy (fraction in [0, 1]) per eps of encoder + decoder (noise off) on pixels x (N, ...) under one attack."""
     model = EncoderDecoder(encoder, decoder)
-    return robustness_curve(model, x, y, eps_list, attack=attack, batch_size=batch_size)
+    return robustness_curve(model, x, y, eps_list, attack, batch_size, pgd_steps, generator)
+
+
+def stratified_subset(y: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Sorted indices (M,) of a fixed class-stratified subset of labels y (N,): M = min(size, N).
+
+    Each class keeps its share of the set (largest remainders round), drawn by a generator seeded with `seed`,
+    so every run, decoder and attack of a sweep sees the same images.
+    """
+    n = y.shape[0]
+    if size < 1:
+        raise ValueError(f"size must be ≥ 1, got {size}")
+    if size >= n:
+        return torch.arange(n, device=y.device)
+    classes, counts = torch.unique(y.cpu(), return_counts=True)
+    quota = counts.double() * size / n
+    take = quota.floor().long()
+    extra = size - int(take.sum())
+    take[torch.argsort(quota - take, descending=True, stable=True)[:extra]] += 1
+    generator = torch.Generator().manual_seed(seed)
+    chosen = []
+    for label, k in zip(classes.tolist(), take.tolist(), strict=True):
+        members = (y.cpu() == label).nonzero().squeeze(1)
+        chosen.append(members[torch.randperm(len(members), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values.to(y.device)
+
+
+def robustness_suite(
+    encoder: nn.Module,
+    decoders: Mapping[str, nn.Module],
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_list: Sequence[float],
+    settings: AttackSettings,
+    eot_draws: int = 0,
+) -> dict[str, dict]:
+    """Attack every decoder through the encoder on pixels x (N, ...), labels y (N,); accuracies are fractions.
+
+    Returns {"robustness": {decoder: {attack: {eps: accuracy}}} with the per-image "worst" among the attacks,
+    "masking": {decoder: attacks.masking_diagnostics(...)}}. The zero-gradient share is measured on the
+    deterministic model (noise off), where a saturated softmax blinds the cross-entropy attacks.
+    """
+    robustness, masking = {}, {}
+    chance = float(torch.bincount(y).max()) / max(y.shape[0], 1)  # a constant classifier's best accuracy
+    for name, decoder in decoders.items():
+        started = time.perf_counter()
+        # A fresh noise generator per decoder: each decoder's EOT draws are reproducible on their own.
+        generator = torch.Generator(device=x.device).manual_seed(settings.seed) if eot_draws else None
+        model = EncoderDecoder(encoder, decoder, eot_draws, generator)
+        curves = accuracy_curves(attack_suite(model, x, y, eps_list, settings))
+        zero = zero_gradient_share(EncoderDecoder(encoder, decoder), x, y, settings.batch_size)
+        robustness[name] = curves
+        masking[name] = masking_diagnostics(curves, zero, chance)
+        log.debug("attacks on %s took %.2f s", name, time.perf_counter() - started)
+    return {"robustness": robustness, "masking": masking}
+
+
+def attack_settings_record(settings: AttackSettings, eot_draws: int, images: int, of: int) -> dict:
+    """The attack settings as summary.json records them: what was run, how hard, on which images, noise or not."""
+    return {
+        "attacks": list(settings.attacks),
+        "losses": {name: ATTACK_LOSSES[name] for name in settings.attacks},
+        "worst": WORST,
+        "pgd_steps": settings.pgd_steps,
+        "pgd_restarts": settings.pgd_restarts,
+        "pgd_step_size": settings.pgd_step_size,
+        "apgd_steps": settings.apgd_steps,
+        "apgd_restarts": settings.apgd_restarts,
+        "square_queries": settings.square_queries,
+        "seed": settings.seed,
+        "images": images,
+        "test_images": of,
+        "subset": "class-stratified",
+        "eot_draws": eot_draws,
+        "latent_noise": f"EOT over {eot_draws} draws" if eot_draws else "off",
+    }

@@ -5,15 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
+from ibbench.errors import UnknownNameError
+
+__all__ = ["Registry", "UnknownNameError"]
+
 T = TypeVar("T", bound=Callable)
-
-
-class UnknownNameError(LookupError):
-    """A name that is not registered; the message lists the valid ones."""
-
-    def __init__(self, kind: str, name: object, valid: list[str]):
-        self.kind, self.name, self.valid = kind, name, valid
-        super().__init__(f"unknown {kind} {name!r}; allowed: {', '.join(valid) or '(none registered)'}")
 
 
 class Registry(Generic[T]):

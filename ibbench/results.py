@@ -1,27 +1,38 @@
 """The run directory format: identity, atomic writers, state, and loaders into pandas DataFrames.
 
-<out>/<sweep>/<run_id>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, DONE}. Everything that asks
-"what happened to this run" (skip, resume, status, reports) reads these files and nothing else.
+<out>/<sweep>/<run_id>/{config.json, metrics.jsonl, summary.json, checkpoint.pt, run.log, DONE}. Everything that
+asks "what happened to this run" (skip, resume, status, reports) reads these files and nothing else.
+
+What the folder's filesystem must provide (docs/decisions.md): atomic rename within a folder, exclusive create
+(O_EXCL) that holds across nodes, close-to-open consistency, and fsync that reaches stable storage. `flock` is
+used when it works and is not relied on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
 import logging
 import math
 import os
-import tempfile
+import secrets
+import socket
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pandas as pd
 
 from ibbench.config import RunConfig
+from ibbench.errors import RunLocked
+
+__all__ = ["RunLock", "RunLocked", "load_metrics", "load_runs", "run_lock", "run_state"]
 
 log = logging.getLogger(__name__)
 
@@ -29,9 +40,13 @@ CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 SUMMARY = "summary.json"
 CHECKPOINT = "checkpoint.pt"
+PREVIOUS_CHECKPOINT = "checkpoint.prev.pt"  # the last good checkpoint before checkpoint.pt, kept while training
+RUN_LOG = "run.log"  # what happened to the run: starts, resumes, recoveries from damaged files, failures
 DONE = "DONE"
 
-LOCK = ".lock"
+LOCK = ".lock"  # flock target: the fast path on one node
+LOCK_FILE = ".lock.json"  # created with O_EXCL: the lock across nodes; holds host, pid, job id and a heartbeat
+TEMP_SUFFIX = ".tmp"  # atomic writers' unique temporaries: .<name>.<random>.tmp
 
 STATES = ("done", "stopped", "failed", "incomplete", "new")
 
@@ -57,19 +72,79 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename, so readers never see half a file."""
+def _create_unique(path: Path) -> tuple[int, Path]:
+    """A new, empty temporary next to path: a unique name, and mode 0666 less the umask like any other file
+    (mkstemp's 0600 hid runs' files from collaborators' status and report)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}{TEMP_SUFFIX}")
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), tmp
+        except FileExistsError:
+            continue
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make a rename in folder durable (without it a node crash can bring back the old name or none)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on a directory (EINVAL); rename is then all they offer
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], previous: Path | None = None) -> None:
+    """write(file) into a unique temporary in path's folder, fsync it, then rename it over path (the old path
+    moved to `previous` first, when given), and fsync the folder: readers see the old file or the new one, never
+    half of one. On any error (a full disk included) the temporary is removed and the old file stays."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = _create_unique(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
+        if previous is not None and path.exists():
+            os.replace(path, previous)
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write data via a temporary file in the same folder and rename, so readers never see half a file."""
+    atomic_write(path, lambda f: f.write(data))
+
+
+def remove_temporaries(run_dir: Path) -> list[str]:
+    """Delete temporaries a killed writer left in run_dir (call under the run's lock); returns their names."""
+    removed = []
+    for tmp in Path(run_dir).glob(f".*{TEMP_SUFFIX}"):
+        tmp.unlink(missing_ok=True)
+        removed.append(tmp.name)
+    return removed
+
+
+def checkpoints(run_dir: Path) -> list[Path]:
+    """The checkpoints to resume from, newest first: checkpoint.pt, then the previous good one."""
+    return [p for p in (Path(run_dir) / CHECKPOINT, Path(run_dir) / PREVIOUS_CHECKPOINT) if p.exists()]
+
+
+def append_log(run_dir: Path, message: str) -> None:
+    """One timestamped line in the run's run.log; a log that cannot be written (full disk) never stops a run."""
+    stamp = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    try:
+        with (Path(run_dir) / RUN_LOG).open("a") as f:
+            f.write(f"{stamp} {message}\n")
+    except OSError as exc:
+        log.warning("cannot write %s: %s", Path(run_dir) / RUN_LOG, exc)
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -161,39 +236,234 @@ def clear_failure(run_dir: Path) -> None:
     (Path(run_dir) / SUMMARY).unlink(missing_ok=True)
 
 
-class RunLocked(RuntimeError):
-    """Another live process is training this run directory."""
+LOCK_HEARTBEAT_S = 10.0  # how often a holder rewrites its lock file
+LOCK_STALE_S = 60.0  # a lock file unchanged this long (on the waiter's own clock) belongs to a dead holder
+_UNSUPPORTED = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}  # flock absent on this filesystem
+
+
+def lock_owner(run_dir: Path) -> dict[str, Any] | None:
+    """Who holds run_dir's lock file (host, pid, job_id, since, heartbeat), or None when nobody does."""
+    try:
+        return _owner((Path(run_dir) / LOCK_FILE).read_bytes())
+    except OSError:
+        return None
+
+
+def _owner(content: bytes) -> dict[str, Any] | None:
+    try:
+        owner = json.loads(content)
+    except ValueError:  # empty or torn: its writer died between create and write
+        return None
+    return owner if isinstance(owner, dict) else None
+
+
+def _describe(owner: Mapping[str, Any] | None) -> str:
+    if not owner:
+        return "an unknown holder"
+    job = f", SLURM job {owner['job_id']}" if owner.get("job_id") else ""
+    return f"pid {owner.get('pid')} on {owner.get('host')}{job}, last heartbeat {owner.get('heartbeat')}"
+
+
+def _pid_alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return True  # another user's process, or an unreadable pid: assume alive, let the heartbeat decide
+    return True
+
+
+class RunLock:
+    """Exclusive hold on a run directory across processes and nodes.
+
+    flock on `.lock` is the fast path: on one node it sees a holder at once and is released by the kernel when the
+    holder dies. It may be node-local on cluster filesystems (NFS local_lock, BeeGFS, Lustre localflock) or
+    missing (ENOLCK/ENOSYS), so the lock that counts is `.lock.json`, created with O_EXCL and holding the
+    holder's host, pid, SLURM job id and a heartbeat that a thread rewrites every heartbeat_s. A waiter takes it
+    over only when it is stale: its holder is a dead pid on this host, or the file has not changed for stale_s of
+    the waiter's own clock (no clock comparison across nodes). `lost` turns true if another process took it over
+    (this one was frozen longer than stale_s): the holder must then stop writing into the run directory.
+    """
+
+    def __init__(self, run_dir: Path, wait_s: float = 120.0, stale_s: float = LOCK_STALE_S,
+                 heartbeat_s: float = LOCK_HEARTBEAT_S):  # fmt: skip
+        self.run_dir = Path(run_dir)
+        self.path = self.run_dir / LOCK_FILE
+        self.wait_s, self.stale_s, self.heartbeat_s = wait_s, stale_s, heartbeat_s
+        self.token = secrets.token_hex(8)
+        self.lost = False
+        self._handle: IO[str] | None = None
+        self._flocked = False
+        self._stop = threading.Event()
+        self._beats = 0
+        self._thread: threading.Thread | None = None
+        self._seen: dict[Path, tuple[bytes, float]] = {}  # file -> (content seen, monotonic time first seen)
+
+    # -- the flock fast path
+
+    def _flock(self, deadline: float) -> None:
+        """Take flock on .lock, waiting until deadline; skip it where the filesystem does not support it."""
+        self._handle = (self.run_dir / LOCK).open("a+")
+        while True:
+            try:
+                fcntl.flock(self._handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                self._flocked = True
+                return
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise RunLocked(f"{self.run_dir} is being trained by another process "
+                                    f"({_describe(lock_owner(self.run_dir))})") from None  # fmt: skip
+                time.sleep(0.5)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                log.info("flock unsupported in %s (%s); using the lock file only", self.run_dir, exc.strerror)
+                return
+
+    # -- the lock file
+
+    def _content(self) -> bytes:
+        owner = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            # Read here rather than passed down: train.run is called the same way by every launcher.
+            "job_id": os.environ.get("SLURM_JOB_ID"),
+            "token": self.token,
+            "since": self._since,
+            "heartbeat": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "beats": self._beats,
+        }
+        return (json.dumps(owner) + "\n").encode()
+
+    def _create(self) -> bool:
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            return False
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._content())
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:  # e.g. a full disk: an empty lock file would hold others off for stale_s
+            self.path.unlink(missing_ok=True)
+            raise
+        return True
+
+    def _stale(self, path: Path, content: bytes) -> bool:
+        """Is path (a lock or breaker file holding content) abandoned?"""
+        owner = _owner(content)
+        if owner is not None and owner.get("host") == socket.gethostname():
+            # A holder on this node holds flock too where flock works: we have it, so that holder is gone.
+            if self._flocked or not _pid_alive(owner.get("pid")):
+                return True
+        now = time.monotonic()
+        seen = self._seen.get(path)
+        if seen is None or seen[0] != content:
+            self._seen[path] = (content, now)
+            return False
+        return now - seen[1] >= self.stale_s
+
+    def _take_over(self, content: bytes) -> bool:
+        """Remove the stale lock file whose content we judged, serialised by an O_EXCL breaker file so that two
+        waiters can never remove a fresh lock that a third just created. True when it was removed."""
+        breaker = self.path.with_name(self.path.name + ".break")
+        try:
+            fd = os.open(breaker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            with contextlib.suppress(OSError):
+                if self._stale(breaker, breaker.read_bytes()):  # its owner died mid-takeover
+                    breaker.unlink(missing_ok=True)
+            return False
+        try:
+            os.write(fd, self._content())
+            try:
+                if self.path.read_bytes() != content:
+                    return False
+                self.path.unlink()
+            except OSError:
+                return False
+        finally:
+            os.close(fd)
+            breaker.unlink(missing_ok=True)
+        log.warning("%s: took over a stale lock (%s)", self.run_dir, _describe(_owner(content)))
+        append_log(self.run_dir, f"took over a stale lock ({_describe(_owner(content))})")
+        return True
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                with self.path.open("r+b") as f:
+                    if (_owner(f.read()) or {}).get("token") != self.token:
+                        raise ValueError("the lock file now names another holder")
+                    self._beats += 1
+                    f.seek(0)
+                    f.write(self._content())
+                    f.truncate()
+                    f.flush()
+                    os.fsync(f.fileno())
+            except (FileNotFoundError, ValueError) as exc:
+                self.lost = True
+                log.error("%s: lost the run lock (%s): another process may be training this run", self.run_dir, exc)
+                return
+            except OSError as exc:  # a filesystem hiccup: beat again next time (stale_s allows several misses)
+                log.warning("%s: could not renew the run lock: %s", self.run_dir, exc)
+
+    def acquire(self) -> RunLock:
+        deadline = time.monotonic() + self.wait_s
+        self._since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        try:
+            self._flock(deadline)
+            holder = None  # the last readable owner seen (a heartbeat being rewritten may read as torn)
+            while not self._create():
+                try:
+                    content = self.path.read_bytes()
+                except FileNotFoundError:
+                    continue  # released between our create and read: try again at once
+                holder = _owner(content) or holder
+                if self._stale(self.path, content) and self._take_over(content):
+                    continue
+                if time.monotonic() > deadline:
+                    raise RunLocked(f"{self.run_dir} is being trained by another process ({_describe(holder)})")
+                time.sleep(min(0.5, self.stale_s / 4))
+        except BaseException:
+            self._unflock()
+            raise
+        self._thread = threading.Thread(target=self._heartbeat, name=f"lock-{self.run_dir.name}", daemon=True)
+        self._thread.start()
+        return self
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OSError):
+            if (_owner(self.path.read_bytes()) or {}).get("token") == self.token:
+                self.path.unlink()
+        self._unflock()
+
+    def _unflock(self) -> None:
+        if self._handle is not None:
+            if self._flocked:
+                fcntl.flock(self._handle, fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle, self._flocked = None, False
 
 
 @contextlib.contextmanager
-def run_lock(run_dir: Path, wait_s: float = 120.0) -> Iterator[None]:
-    """Exclusive lock on a run directory while it trains; waits up to wait_s for a previous holder to exit.
+def run_lock(run_dir: Path, wait_s: float = 120.0, stale_s: float = LOCK_STALE_S) -> Iterator[RunLock]:
+    """Hold run_dir's RunLock while training; waits up to wait_s for a previous holder, else raises RunLocked.
 
-    A killed sweep driver can leave its trials running for a few seconds: the lock (released by the kernel
-    when its holder dies) keeps a re-run from training the same run twice at once.
+    A killed sweep driver can leave its trials running for a few seconds, and a requeued job can start on
+    another node while its predecessor's node is still winding down: the lock keeps a re-run from training the
+    same run twice at once.
     """
-    path = Path(run_dir) / LOCK
-    with path.open("a+") as handle:
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    handle.seek(0)
-                    raise RunLocked(
-                        f"{run_dir} is being trained by another process ({handle.read().strip()})"
-                    ) from None
-                time.sleep(0.5)
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
-        handle.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = RunLock(run_dir, wait_s=wait_s, stale_s=stale_s).acquire()
+    try:
+        yield lock
+    finally:
+        lock.release()
 
 
 def iter_run_dirs(root: Path) -> Iterator[Path]:

@@ -7,9 +7,13 @@ the search's memory (`optuna.db`), never the record of what happened.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import json
 import logging
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,14 +22,25 @@ from typing import Any
 import yaml
 
 from ibbench import results
-from ibbench.config import DECODER_AXIS, ConfigError, RunConfig, SweepSpec, expand, plain
+from ibbench.config import (
+    DECODER_AXIS,
+    MAX_RUNS,
+    PLACEMENT_FIELDS,
+    ConfigError,
+    RunConfig,
+    SweepSpec,
+    expand,
+    plain,
+)
 
 log = logging.getLogger(__name__)
 
 OPTUNA_DB = "optuna.db"
 SPEC_FILE = "sweep.yaml"
 RAY_SCRATCH = ".ray"
-INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose driver died mid-trial
+INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose driver died or was interrupted
+STUDY_SWEEP = "ibbench_sweep"  # study user attributes: what the study searches (base, space, metric, mode) ...
+STUDY_FINGERPRINT = "ibbench_fingerprint"  # ... and its sha256, compared on every rerun
 # Ray Tune restarts a trial whose process or node died (a lost node, an OOM kill) this many times; the run resumes
 # from its checkpoint. A run that failed on its own (summary.json says failed) is never trained again by a restart,
 # which then only costs starting a trial process (Tune cannot tell the two apart): 2, not more.
@@ -52,6 +67,8 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     out["resources"] = {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu}
     if spec.max_concurrent is not None:
         out["max_concurrent"] = spec.max_concurrent
+    if spec.max_runs != MAX_RUNS:
+        out["max_runs"] = spec.max_runs
     return out
 
 
@@ -89,10 +106,12 @@ def plan(spec: SweepSpec, out: Path) -> list[PlannedRun]:
     """The grid's runs with their states; for a search, the runs it has made so far."""
     root = sweep_dir(spec, out)
     if spec.search is None:
+        started = set(os.listdir(root)) if root.is_dir() else set()  # one listing, not 4 stats per new run
         planned = []
         for cfg in expand(spec):
             rid = results.run_id(cfg)
-            planned.append(PlannedRun(cfg, rid, root / rid, results.run_state(root / rid)))
+            run_dir = root / rid
+            planned.append(PlannedRun(cfg, rid, run_dir, results.run_state(run_dir) if rid in started else "new"))
         return planned
     return [PlannedRun(results.read_config(d), d.name, d, results.run_state(d)) for d in results.iter_run_dirs(root)]
 
@@ -121,10 +140,83 @@ def optuna_trial_count(spec: SweepSpec, out: Path) -> int:
 
 
 def _finished_trials(study) -> list:
+    """Trials that used up the budget: completed or pruned. Failed ones do not (a rerun replaces them), nor do
+    trials whose driver was interrupted (their points are asked again)."""
     import optuna
 
-    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     return [t for t in study.get_trials(deepcopy=False, states=states) if not t.user_attrs.get(INTERRUPTED)]
+
+
+# -- the study's identity ----------------------------------------------------------------------------------------
+
+
+def study_identity(spec: SweepSpec) -> dict[str, Any]:
+    """What a study's trials mean: base (with --set overrides) minus placement fields, space, metric and mode.
+
+    num_samples, the scheduler and the sampler's seed may change between invocations; these may not.
+    """
+    s = spec.search
+    return {
+        **{f"base.{k}": plain(v) for k, v in spec.base if k not in PLACEMENT_FIELDS},
+        **{f"search.space.{key}": {kind: plain(args)} for key, kind, args in s.space},
+        "search.metric": s.metric,
+        "search.mode": s.mode,
+    }
+
+
+def _fingerprint(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _difference(old: dict[str, Any], new: dict[str, Any]) -> tuple[str, Any, Any] | None:
+    """The first field (`base.epochs`, `search.space.beta`) where two study identities differ, with both values."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key, "(not set)"), new.get(key, "(not set)")
+        if a != b:
+            return key, a, b
+    return None
+
+
+def _load_study(spec: SweepSpec, out: Path):
+    """The sweep's Optuna study, or None when it has none yet."""
+    db = sweep_dir(spec, out) / OPTUNA_DB
+    if not db.exists():
+        return None
+    import optuna
+
+    try:
+        return optuna.load_study(study_name=spec.name, storage=optuna.storages.RDBStorage(f"sqlite:///{db}"))
+    except KeyError:
+        return None
+
+
+def check_study(spec: SweepSpec, out: Path) -> None:
+    """ConfigError naming the first difference when the sweep's existing study was started by another sweep."""
+    if spec.search is None:
+        return
+    study = _load_study(spec, out)
+    stored = study.user_attrs.get(STUDY_SWEEP) if study is not None else None
+    if stored is None:
+        return
+    found = _difference(stored, json.loads(json.dumps(study_identity(spec))))
+    if found:
+        where, old, new = found
+        db = sweep_dir(spec, out) / OPTUNA_DB
+        raise ConfigError(spec.source, where, f"{json.dumps(new)} differs from the study in {db}, started with "
+                          f"{json.dumps(old)}", "the study's value, or --new-study to start a new study "
+                          "(the old one is kept beside it)")  # fmt: skip
+
+
+def archive_study(spec: SweepSpec, out: Path) -> Path | None:
+    """Move the sweep's optuna.db aside (optuna-<time>.db) so the next search starts a new study; its path."""
+    db = sweep_dir(spec, out) / OPTUNA_DB
+    if not db.exists():
+        return None
+    kept = db.with_name(f"optuna-{time.strftime('%Y%m%d-%H%M%S')}.db")
+    db.replace(kept)
+    log.info("the previous study of %s is kept in %s", spec.name, kept)
+    return kept
 
 
 # -- driving Ray Tune --------------------------------------------------------------------------------------------
@@ -141,6 +233,10 @@ class SweepOutcome:
     reasons: dict[str, str] = field(default_factory=dict)  # run_id -> why it failed
     retried: list[str] = field(default_factory=list)  # run_ids restarted after their process (or node) died
     held: list[str] = field(default_factory=list)  # pending runs left to other live jobs (skip=)
+    # Trials that failed before their run directory held a record (a bad sampled config, data missing on a
+    # worker, a run locked by another job): trial id -> reason. They did not use up num_samples.
+    trial_failures: dict[str, str] = field(default_factory=dict)
+    interrupted: bool = False  # Ctrl-C (or the driver's loop ended early): unfinished runs resume on a rerun
 
     @property
     def failed(self) -> list[str]:
@@ -148,7 +244,12 @@ class SweepOutcome:
 
     @property
     def ok(self) -> bool:
-        return not self.failed and all(s in ("done", "stopped") for s in self.states.values())
+        return (
+            not self.failed
+            and not self.trial_failures
+            and not self.interrupted
+            and all(s in ("done", "stopped") for s in self.states.values())
+        )
 
 
 Event = Callable[[str, dict[str, Any]], None]  # (kind, payload): start | result | complete | error
@@ -226,19 +327,33 @@ def _space(spec: SweepSpec) -> dict[str, Any]:
     return domains
 
 
-def _prepare_study(spec: SweepSpec, root: Path):
-    """The RDB storage, trials remaining, trials so far; trials a killed driver left running are re-queued."""
+def _end_running_trials(study, storage) -> int:
+    """End trials left RUNNING (their driver was interrupted or killed) and ask their points again: their run
+    directories resume from their checkpoints. Returns how many."""
     import optuna
 
-    storage = optuna.storages.RDBStorage(f"sqlite:///{root / OPTUNA_DB}")
-    direction = "maximize" if spec.search.mode == "max" else "minimize"
-    study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
-    stale = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
-    for trial in stale:
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    for trial in running:
         storage.set_trial_user_attr(trial._trial_id, INTERRUPTED, True)
         storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.FAIL)
         if trial.params:
-            study.enqueue_trial(trial.params)  # its run directory resumes from its checkpoint
+            study.enqueue_trial(trial.params)
+    return len(running)
+
+
+def _prepare_study(spec: SweepSpec, root: Path):
+    """The RDB storage, trials remaining, trials so far; the study's identity checked (or recorded when new)."""
+    import optuna
+
+    check_study(spec, root.parent)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{root / OPTUNA_DB}")
+    direction = "maximize" if spec.search.mode == "max" else "minimize"
+    study = optuna.create_study(study_name=spec.name, storage=storage, direction=direction, load_if_exists=True)
+    if STUDY_SWEEP not in study.user_attrs:  # a new study (or one from before fingerprints): remember what it is
+        identity = study_identity(spec)
+        study.set_user_attr(STUDY_SWEEP, identity)
+        study.set_user_attr(STUDY_FINGERPRINT, _fingerprint(identity))
+    _end_running_trials(study, storage)
     finished = len(study.trials)
     remaining = spec.search.num_samples - len(_finished_trials(study))
     return storage, max(0, remaining), finished
@@ -345,7 +460,10 @@ def run_sweep(
                 tune_config=tune.TuneConfig(max_concurrent_trials=spec.max_concurrent, reuse_actors=True),
                 run_config=run_config,
             )
-            tuner.fit()
+            _fit(tuner, spec, outcome, root)
+            # A run neither finished nor failed after Tune's loop ended without an error: the loop was stopped.
+            outcome.interrupted |= any(results.run_state(p.run_dir) in ("new", "incomplete") for p in pending
+                                       if p.run_id not in outcome.trial_failures)  # fmt: skip
         ids = list(before)
     else:
         from ray.tune.schedulers import ASHAScheduler
@@ -356,13 +474,13 @@ def run_sweep(
             searcher = OptunaSearch(
                 metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=storage,
                 # The same seed on every invocation would redraw the first invocation's points.
-                seed=spec.search.seed + existing,
+                seed=(spec.search.seed + existing) % 2**32,
             )  # fmt: skip
             scheduler = None
             if spec.search.scheduler == "asha":
                 base_cfg = RunConfig.from_dict({k: plain(v) for k, v in spec.base}, spec.source)
                 max_evals = -(-base_cfg.epochs // base_cfg.eval_every) + 1  # one report per eval epoch, one at the end
-                scheduler = ASHAScheduler(
+                scheduler = _recording_asha(ASHAScheduler)(
                     time_attr="training_iteration", max_t=max_evals, grace_period=spec.search.grace_period
                 )
             tuner = tune.Tuner(
@@ -379,13 +497,20 @@ def run_sweep(
                 ),  # fmt: skip
                 run_config=run_config,
             )
-            grid = tuner.fit()
-            for result in grid:
-                rid = (result.metrics or {}).get("run_id")
-                if rid and result.error is None and results.run_state(root / rid) == "incomplete":
-                    # ASHA ended it: a decision, not a crash, so a re-run must not train it again.
-                    results.write_summary(root / rid, {"status": "stopped", "run_id": rid,
-                                                       "reason": "stopped early by the ASHA scheduler"})  # fmt: skip
+            try:
+                _fit(tuner, spec, outcome, root)
+            finally:
+                # Trials still RUNNING in the study were cut off (Ctrl-C, or Tune's loop stopped): end them and
+                # ask their points again on the next invocation.
+                import optuna
+
+                study = optuna.load_study(study_name=spec.name, storage=storage)
+                outcome.interrupted |= _end_running_trials(study, storage) > 0
+                for rid in scheduler.stopped if scheduler is not None else ():
+                    if results.run_state(root / rid) == "incomplete":
+                        # ASHA ended it: a decision, not a crash, so a re-run must not train it again.
+                        stopped = {"status": "stopped", "run_id": rid, "reason": "stopped early by the ASHA scheduler"}
+                        results.write_summary(root / rid, stopped)
         after_ids = [d.name for d in results.iter_run_dirs(root)]
         outcome.trained = [rid for rid in after_ids if before.get(rid) not in ("done", "stopped")]
         outcome.skipped = [rid for rid, state in before.items() if state in ("done", "stopped")]
@@ -398,3 +523,65 @@ def run_sweep(
     # Tune restarts failed trials too; a run that failed on its own was not retrained, so it is not listed.
     outcome.retried = sorted({rid for rid in outcome.retried if outcome.states.get(rid) != "failed"})
     return outcome
+
+
+@contextlib.contextmanager
+def _ctrl_c_raises() -> Iterator[None]:
+    """Let Ctrl-C raise KeyboardInterrupt out of Tuner.fit instead of Tune's handler, which ends the experiment
+    quietly: fit then returns as if done, and an interrupted run could not be told from a finished one."""
+    previous = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = previous
+
+
+def _fit(tuner, spec: SweepSpec, outcome: SweepOutcome, root: Path) -> None:
+    """tuner.fit(); trials that errored without a failed run directory go to outcome.trial_failures, keyed by
+    their run id (grid) or their sampled values (search)."""
+    try:
+        with _ctrl_c_raises():
+            grid = tuner.fit()
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+        raise
+    for result in grid:
+        if result.error is None:
+            continue
+        rid = (result.metrics or {}).get("run_id")
+        if rid and results.run_state(root / rid) == "failed":
+            continue  # the run directory holds the failure and its reason
+        config = result.config or {}
+        if "run" in config:
+            key = results.run_id(RunConfig.from_dict(config["run"], spec.source))
+        else:
+            key = "trial " + ", ".join(f"{k}={config.get(k)!r}" for k, _, _ in spec.search.space)
+        outcome.trial_failures[key] = _error_reason(result.error)
+
+
+def _error_reason(error: BaseException) -> str:
+    """The error a trial raised, as one line: the original exception (Ray wraps it) and its message."""
+    cause = getattr(error, "cause", None) or error
+    message = str(cause).strip().splitlines()
+    return f"{type(cause).__name__}: {message[0] if message else ''}".strip()
+
+
+def _recording_asha(base: type) -> type:
+    """ASHAScheduler that remembers the runs it stopped early, so only those are marked `stopped`."""
+
+    class RecordingASHA(base):
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.stopped: set[str] = set()  # run ids
+
+        def on_trial_result(self, tune_controller, trial, result):
+            action = super().on_trial_result(tune_controller, trial, result)
+            if action == self.STOP and result.get("run_id"):
+                self.stopped.add(result["run_id"])
+            return action
+
+    return RecordingASHA

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import platform
@@ -9,6 +10,7 @@ import random
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,10 +24,21 @@ import torch
 from torch import nn
 
 from ibbench import results
+from ibbench.attacks import AttackSettings
 from ibbench.config import ConfigError, RunConfig
 from ibbench.data import Dataset, DeviceLoader, augment_cifar, load_dataset
+from ibbench.errors import TrainingFailed
 from ibbench.estimators import add_zero_entropy_noise, conditional_knn_entropy, knn_entropy
-from ibbench.evaluation import decoder_accuracy, encode, fit_decoders, information_plane, robustness
+from ibbench.evaluation import (
+    attack_settings_record,
+    decoder_accuracy,
+    encode,
+    fit_decoders,
+    information_plane,
+    robustness_suite,
+    stratified_subset,
+)
+from ibbench.metrics import HEAD
 from ibbench.models import make_encoder
 from ibbench.objectives import Objective, ObjectiveSettings, make_objective
 
@@ -34,11 +47,11 @@ log = logging.getLogger(__name__)
 Reporter = Callable[[dict[str, Any]], None]
 
 LR_FACTOR = math.sqrt(0.1)  # the paper multiplies the LR by √0.1 on a plateau
-HEAD = "head"  # the decoder name under which objectives with a head (ce, ce_dropconnect) report it
-
-
-class TrainingFailed(RuntimeError):
-    """The run stopped without a result (e.g. a non-finite loss); summary.json holds the reason."""
+CHECKPOINT_KEYS = ("epoch", "encoder", "objective", "optimizer", "scheduler", "loader_rng", "rng")
+# Decoders that model p(z|y) are fitted on latents with the noise the encoder was trained with (the paper's
+# model of Z|Y, its appendix A.2): on noise-free compressed latents their class log-likelihoods differ by
+# hundreds of nats, the float32 softmax saturates and the cross-entropy's input gradient vanishes.
+NOISY_FIT_DECODERS = ("gmm",)
 
 
 class LatentEncoder(nn.Module):
@@ -75,25 +88,60 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def set_precision(cfg: RunConfig, device: torch.device) -> dict[str, Any]:
+    """Make the run's float32 arithmetic what cfg says and return what summary.json records of it.
+
+    Set on every run, both ways: the flags are process-wide, and a Ray worker reused for the next trial must not
+    keep an earlier run's TF32. Without this, convolutions on Ampere+ GPUs use TF32 even with amp off.
+    """
+    mode = "tf32" if cfg.tf32 else "ieee"
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):  # torch ≥ 2.9; the legacy flags raise once this API has been used
+        matmul.fp32_precision = mode
+        torch.backends.cudnn.conv.fp32_precision = mode
+    else:
+        matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
+    cuda = device.type == "cuda"
+    precision: dict[str, Any] = {"amp": cfg.amp if cuda else "off", "float32": mode if cuda else "ieee"}
+    if cuda and cfg.amp == "bf16":
+        precision["bf16_native"] = torch.cuda.is_bf16_supported(including_emulation=False)
+        if not precision["bf16_native"]:
+            # warnings shows this once per process and place, not once per run of a long sweep.
+            warnings.warn(f"amp: bf16 on {torch.cuda.get_device_name(device)}, which has no native bf16: it is "
+                          "emulated (slow); use amp: off on this GPU", RuntimeWarning, stacklevel=2)  # fmt: skip
+    return precision
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    """Every RNG the run draws from, as tensors and plain lists (what weights_only loading accepts); on CUDA the
+    run's own device only, since the resuming process may see fewer GPUs than this one."""
+    version, key, gauss = random.getstate()
+    name, np_key, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(key), gauss],
+        "numpy": [name, np_key.tolist(), pos, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def _set_rng_state(state: Mapping[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    """Restore _rng_state's result; states must be CPU tensors (torch.load to CPU), whatever the run's device."""
+    version, key, gauss = state["python"]
+    random.setstate((version, tuple(key), gauss))
+    name, np_key, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(np_key, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
 
 
 def _git_commit() -> str | None:
@@ -210,7 +258,16 @@ def _evaluate(cfg: RunConfig, model: _Model, data: _Splits) -> tuple[dict[str, f
     # makes H[Z] ≥ 0 and I[X;Z] = H[Z] meaningful (runs trained without noise are measured the same way).
     z_train = encode(model.latent, data.train_x)
     z_test = encode(model.latent, data.test_x)
-    decoders: dict[str, nn.Module] = dict(fit_decoders(cfg.decoders, z_train, data.train_y, data.num_classes))
+    noisy_fit = [d for d in cfg.decoders if cfg.noise and d in NOISY_FIT_DECODERS]
+    decoders: dict[str, nn.Module] = {}
+    if noisy_fit:
+        # A generator of its own, so this draw leaves the training RNG (and a resumed run's) as it was.
+        generator = torch.Generator(device=z_train.device).manual_seed(cfg.seed)
+        z_noisy_train = add_zero_entropy_noise(z_train, generator=generator)
+        decoders.update(fit_decoders(noisy_fit, z_noisy_train, data.train_y, data.num_classes))
+    plain = [d for d in cfg.decoders if d not in noisy_fit]
+    decoders.update(fit_decoders(plain, z_train, data.train_y, data.num_classes))
+    decoders = {name: decoders[name] for name in cfg.decoders}  # in the configured order
     if model.objective.has_head:
         decoders[HEAD] = _HeadDecoder(model.objective)
     y_test, y_train = data.test_y, data.train_y
@@ -239,17 +296,55 @@ class _HeadDecoder(nn.Module):
         return self.objective.logits(z)
 
 
+def decoder_fits(cfg: RunConfig, decoders: Mapping[str, nn.Module]) -> dict[str, str]:
+    """Which latents each decoder was fitted on, as summary.json records it (accuracy is always noise-free test)."""
+    fits = {}
+    for name in decoders:
+        if name == HEAD:
+            fits[name] = "the objective's own head, trained with the encoder"
+        elif cfg.noise and name in NOISY_FIT_DECODERS:
+            fits[name] = "train latents with the zero-entropy noise the encoder was trained with"
+        else:
+            fits[name] = "noise-free train latents"
+    return fits
+
+
+def attack_settings(cfg: RunConfig) -> AttackSettings:
+    """The run's attack suite and budgets."""
+    return AttackSettings(
+        attacks=cfg.attacks,
+        pgd_steps=cfg.pgd_steps,
+        pgd_restarts=cfg.pgd_restarts,
+        pgd_step_size=cfg.pgd_step_size,
+        apgd_steps=cfg.apgd_steps,
+        apgd_restarts=cfg.apgd_restarts,
+        square_queries=cfg.square_queries,
+        seed=cfg.attack_seed,
+    )
+
+
 def _robustness(cfg: RunConfig, model: _Model, decoders: Mapping[str, nn.Module], data: _Splits) -> dict:
-    """{decoder: {attack: {eps: accuracy}}} on the test set, noise off, ε in [0, 1] pixel units."""
-    attacks = ["fgsm"] + (["pgd"] if cfg.pgd_steps > 0 else [])
-    x, y = data.test_x, data.test_y
-    curves: dict[str, dict[str, dict[str, float]]] = {}
-    for name, decoder in decoders.items():
-        curves[name] = {}
-        for attack in attacks:
-            curve = robustness(model.latent, decoder, x, y, cfg.fgsm_eps, attack=attack)
-            curves[name][attack] = {_eps_key(eps): acc for eps, acc in curve.items()}
-    return curves
+    """summary.json's robustness block: {decoder: {attack: {eps: accuracy}}} with "worst", masking, settings.
+
+    On a fixed class-stratified subset of the test set, model in eval mode, ε in [0, 1] pixel units; the latent
+    noise off unless cfg.eot_draws > 0.
+    """
+    index = stratified_subset(data.test_y, cfg.attack_images, cfg.attack_seed)
+    x, y = data.test_x[index], data.test_y[index]
+    settings = attack_settings(cfg)
+    started = time.perf_counter()
+    suite = robustness_suite(model.latent, decoders, x, y, cfg.fgsm_eps, settings, cfg.eot_draws)
+    curves = {
+        name: {attack: {_eps_key(eps): acc for eps, acc in curve.items()} for attack, curve in per_attack.items()}
+        for name, per_attack in suite["robustness"].items()
+    }
+    return {
+        "robustness": curves,
+        "masking": suite["masking"],
+        "attack_settings": attack_settings_record(settings, cfg.eot_draws, len(index), len(data.test_y)),
+        "decoder_fit": decoder_fits(cfg, decoders),
+        "attack_time": time.perf_counter() - started,
+    }
 
 
 def make_loader(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLoader:
@@ -270,7 +365,11 @@ def make_loader(cfg: RunConfig, data: Dataset, device: torch.device) -> DeviceLo
         raise ConfigError("<config>", "batch_size", str(exc)) from None
 
 
-def _save_checkpoint(run_dir: Path, model: _Model, optimizer, scheduler, loader: DeviceLoader, epoch: int, **extra):
+def _save_checkpoint(
+    run_dir: Path, model: _Model, optimizer, scheduler, loader: DeviceLoader, epoch: int, device: torch.device, **extra
+):
+    """checkpoint.pt via a unique fsynced temporary; the one it replaces becomes checkpoint.prev.pt (see
+    results.atomic_write: a full disk leaves the old checkpoints and no temporary behind)."""
     state = {
         "epoch": epoch,
         "encoder": model.encoder.state_dict(),
@@ -278,13 +377,58 @@ def _save_checkpoint(run_dir: Path, model: _Model, optimizer, scheduler, loader:
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "loader_rng": loader.generator.get_state(),
-        "rng": _rng_state(),
+        "rng": _rng_state(device),
         **extra,
     }
-    path = run_dir / results.CHECKPOINT
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # atomic: a reader sees the old or the new checkpoint, never half of one
+    results.atomic_write(
+        run_dir / results.CHECKPOINT, lambda f: torch.save(state, f), previous=run_dir / results.PREVIOUS_CHECKPOINT
+    )
+
+
+def _load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
+    """The newest readable checkpoint, or None (start from scratch).
+
+    Loaded to the CPU with weights_only=True: no code in a shared run folder runs as whoever resumes it, and RNG
+    states stay CPU tensors (load_state_dict moves weights and optimiser state to the model's device). A file
+    that cannot be read (empty or torn after a crash, or holding pickled objects) is said in run.log, removed,
+    and the previous checkpoint tried.
+    """
+    for path in results.checkpoints(run_dir):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            missing = [key for key in CHECKPOINT_KEYS if key not in state]
+            if missing:
+                raise KeyError(f"no {', '.join(missing)}")
+        except Exception as exc:  # EOFError, RuntimeError (torn zip), UnpicklingError (refused object), KeyError
+            problem = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            message = f"{path.name} is unreadable ({type(exc).__name__}: {problem}); removed it"
+            log.warning("%s: %s", run_dir, message)
+            results.append_log(run_dir, message)
+            path.unlink(missing_ok=True)
+            continue
+        if path.name != results.CHECKPOINT:
+            results.append_log(run_dir, f"resuming from the previous checkpoint, {path.name} (epoch {state['epoch']})")
+        return state
+    return None
+
+
+def _disk_full(exc: BaseException) -> OSError | None:
+    """The ENOSPC/EDQUOT error behind exc, if any (torch.save reports a failed write as a RuntimeError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _failure_reason(exc: BaseException, run_dir: Path) -> str:
+    full = _disk_full(exc)
+    if full is not None:
+        what = "no space left on device" if full.errno == errno.ENOSPC else "disk quota exceeded"
+        return f"{what}: could not write into {run_dir}; free space, then run again to resume from its checkpoint"
+    return str(exc) if isinstance(exc, TrainingFailed) else f"{type(exc).__name__}: {exc}"
 
 
 def run(
@@ -312,17 +456,24 @@ def run(
         # Fixed input shapes all run long: let cuDNN pick its fastest convolutions once (bitwise GPU
         # reproducibility is not promised anyway; CPU runs stay deterministic).
         torch.backends.cudnn.benchmark = True
+    precision = set_precision(cfg, device)
     seed_everything(cfg.seed)
     # Data first: a missing dataset is a ConfigError for the caller, before anything is written.
     data = load_dataset(cfg.dataset, cfg.data_dir, cfg.download, cfg.seed)
     loader = make_loader(cfg, data, device)
     run_dir.mkdir(parents=True, exist_ok=True)
-    with results.run_lock(run_dir):
+    with results.run_lock(run_dir) as lock:
         if results.run_state(run_dir) == "done":  # finished by whoever held the lock before us
             return results.read_summary(run_dir) or {}
-        results.write_config(run_dir, cfg)
+        try:
+            results.write_config(run_dir, cfg)
+        except OSError as exc:
+            if _disk_full(exc) is None:
+                raise
+            raise TrainingFailed(_failure_reason(exc, run_dir)) from exc
         placement = {"hostname": socket.gethostname(), "gpu_ids": list(gpu_ids or [])}  # where it ran
-        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, placement)
+        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, lock, precision,
+                      placement)  # fmt: skip
 
 
 def _train(
@@ -335,38 +486,46 @@ def _train(
     started_at: str,
     report: Reporter | None,
     progress: Reporter | None,
+    lock: results.RunLock,
+    precision: dict[str, Any],
     placement: dict[str, Any],
 ) -> dict[str, Any]:
     """The body of run(), under the run directory's lock."""
     model = _build(cfg, data, device)
     # The loader holds the train split on the device already; eval reuses it (un-augmented) and the test split.
-    splits = _Splits(loader.x, loader.y, data.test_x.to(device), data.test_y.to(device), data.info.num_classes)
+    test_x = data.test_x.contiguous(memory_format=torch.channels_last) if loader.channels_last else data.test_x
+    splits = _Splits(loader.x, loader.y, test_x.to(device), data.test_y.to(device), data.info.num_classes)
     params = list(model.encoder.parameters()) + list(model.objective.parameters())
     optimizer = torch.optim.Adam(params, lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
         optimizer, mode="min", factor=LR_FACTOR, patience=cfg.lr_patience
     )
     start_epoch, wall_before = 1, 0.0
-    checkpoint_path = run_dir / results.CHECKPOINT
-    if checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=False)
-        model.encoder.load_state_dict(state["encoder"])
-        model.objective.load_state_dict(state["objective"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loader.generator.set_state(state["loader_rng"])
-        _set_rng_state(state["rng"])
-        start_epoch, wall_before = state["epoch"] + 1, state.get("wall_time", 0.0)
-        results.truncate_metrics(run_dir, state["epoch"])
-        log.info("run %s resumes after epoch %d", rid, state["epoch"])
-    elif (run_dir / results.METRICS).exists():
-        results.truncate_metrics(run_dir, 0)  # rows from a start that never reached a checkpoint
-
     t0 = time.perf_counter()
     decoders: dict[str, nn.Module] = {}
     last_metrics: dict[str, Any] = {}
-    epoch = start_epoch - 1
+    epochs_done = 0  # epochs trained, evaluated and checkpointed: what a resume keeps
     try:
+        leftovers = results.remove_temporaries(run_dir)  # from a writer killed mid-write (we hold the lock)
+        if leftovers:
+            results.append_log(run_dir, f"removed temporaries a killed writer left: {', '.join(leftovers)}")
+        state = _load_checkpoint(run_dir)
+        if state is not None:
+            model.encoder.load_state_dict(state["encoder"])
+            model.objective.load_state_dict(state["objective"])
+            optimizer.load_state_dict(state["optimizer"])  # casts moments to the parameters' device; step stays CPU
+            scheduler.load_state_dict(state["scheduler"])
+            loader.generator.set_state(state["loader_rng"])
+            _set_rng_state(state["rng"], device)
+            epochs_done, wall_before = state["epoch"], state.get("wall_time", 0.0)
+            start_epoch = epochs_done + 1
+            results.truncate_metrics(run_dir, epochs_done)
+            log.info("run %s resumes after epoch %d", rid, epochs_done)
+            results.append_log(run_dir, f"resumed after epoch {epochs_done} on {platform.node()}")
+        else:
+            if (run_dir / results.METRICS).exists():
+                results.truncate_metrics(run_dir, 0)  # rows from a start that never reached a checkpoint
+            results.append_log(run_dir, f"started from epoch 1 on {platform.node()}")
         for epoch in range(start_epoch, cfg.epochs + 1):
             terms = _train_epoch(cfg, model, loader, optimizer, device, epoch)
             scheduler.step(terms["loss"])
@@ -387,31 +546,44 @@ def _train(
                 last_metrics = row
                 if report is not None:
                     report(dict(row))
+            if lock.lost:  # frozen past the lock's staleness: another process owns the run now; write nothing
+                raise results.RunLocked(f"{run_dir}: the run lock was taken over while this process was stalled")
             _save_checkpoint(
-                run_dir, model, optimizer, scheduler, loader, epoch, wall_time=wall_before + time.perf_counter() - t0
-            )
+                run_dir, model, optimizer, scheduler, loader, epoch, device,
+                wall_time=wall_before + time.perf_counter() - t0,
+            )  # fmt: skip
+            epochs_done = epoch
         if not decoders:  # resumed after the last epoch's checkpoint: refit the decoders for the robustness curves
             metrics, decoders = _evaluate(cfg, model, splits)
-            last_metrics = (results.read_metrics(run_dir) or [{"run_id": rid, "epoch": epoch, **metrics}])[-1]
+            last_metrics = (results.read_metrics(run_dir) or [{"run_id": rid, "epoch": epochs_done, **metrics}])[-1]
         curves = _robustness(cfg, model, decoders, splits)
+    except results.RunLocked:
+        raise  # another process owns the run: its files are not ours to mark
+    except KeyboardInterrupt:
+        results.append_log(run_dir, f"interrupted after epoch {epochs_done}; resumes from its checkpoint")
+        raise
     except Exception as exc:
-        reason = str(exc) if isinstance(exc, TrainingFailed) else f"{type(exc).__name__}: {exc}"
-        results.write_summary(
-            run_dir,
-            {
-                "status": "failed",
-                "reason": reason,
-                "run_id": rid,
-                "epochs_done": epoch - 1 if isinstance(exc, TrainingFailed) else epoch,
-                "wall_time": wall_before + time.perf_counter() - t0,
-                "started": started_at,
-                "device": str(device),
-                **placement,
-                "versions": _versions(),
-                "git_commit": _git_commit(),
-            },
-        )
-        log.error("run %s failed: %s", rid, reason)
+        reason = _failure_reason(exc, run_dir)
+        try:
+            results.write_summary(
+                run_dir,
+                {
+                    "status": "failed",
+                    "reason": reason,
+                    "run_id": rid,
+                    "epochs_done": epochs_done,
+                    "wall_time": wall_before + time.perf_counter() - t0,
+                    "started": started_at,
+                    "device": str(device),
+                    **placement,
+                    "versions": _versions(),
+                    "git_commit": _git_commit(),
+                },
+            )
+            results.append_log(run_dir, f"failed: {reason}")
+        except OSError as write_error:  # a disk too full even for summary.json: the reason is raised all the same
+            log.error("run %s: could not record its failure: %s", rid, write_error)
+        log.info("run %s failed: %s", rid, reason)  # the caller reports it (raised below, and in summary.json)
         if isinstance(exc, TrainingFailed):
             raise
         raise TrainingFailed(reason) from exc
@@ -422,15 +594,18 @@ def _train(
         "config": cfg.to_dict(),
         "epochs_done": cfg.epochs,
         "final": last_metrics,
-        "robustness": curves,
+        **curves,
         "wall_time": wall_before + time.perf_counter() - t0,
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "device": str(device),
+        "precision": precision,
         **placement,
         "versions": _versions(),
         "git_commit": _git_commit(),
     }
     results.write_summary(run_dir, summary)
     results.mark_done(run_dir)
+    (run_dir / results.PREVIOUS_CHECKPOINT).unlink(missing_ok=True)  # a done run resumes nothing: free its space
+    results.append_log(run_dir, "done")
     return summary

@@ -1,13 +1,33 @@
-"""Attacks: FGSM against a linear model's analytic gradient, box constraints, side effects, PGD vs FGSM."""
+"""Attacks: FGSM against a linear model's analytic gradient, box constraints, side effects, PGD vs FGSM; the suite
+(margin attacks, torchattacks' APGD and Square), the per-image worst case and the masking diagnostics."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ibbench.attacks import DEFAULT_EPS, eval_mode, fgsm, pgd, robustness_curve
+from ibbench.attacks import (
+    ATTACKS,
+    DEFAULT_EPS,
+    WORST,
+    AttackSettings,
+    accuracy_curves,
+    apgd,
+    attack_suite,
+    eval_mode,
+    fgsm,
+    masking_diagnostics,
+    pgd,
+    robustness_curve,
+    run_attack,
+    square,
+    worst_case,
+    zero_gradient_share,
+)
 
 
 def linear_model(seed: int = 0) -> nn.Module:
@@ -160,3 +180,174 @@ def test_attacks_on_cuda_with_a_cpu_generator():
     generator = torch.Generator().manual_seed(0)
     curve = robustness_curve(model, x, y, [0.0, 0.1], attack="pgd", generator=generator)
     assert list(curve) == [0.0, 0.1]
+
+
+# -- the suite: margin attacks, torchattacks, worst case, masking diagnostics -----------------------------------
+
+
+class Saturated(nn.Module):
+    """A model's logits × 1000: the float32 softmax saturates and the cross-entropy gradient is exactly zero."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return 1000 * self.model(x)
+
+
+class Counting(nn.Module):
+    """Counts forward calls."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.model(x)
+
+
+FAST = AttackSettings(pgd_steps=10, apgd_steps=20, square_queries=100, batch_size=500)
+
+
+def test_saturated_decoder_blinds_ce_fgsm_but_not_the_margin_attacks(digits_model):
+    model, x, y = digits_model
+    saturated = Saturated(model)
+    share = zero_gradient_share(saturated, x, y)
+    assert share >= 0.5
+    assert zero_gradient_share(model, x, y) < 0.01
+    eps = [0.0, 0.3]
+    settings = dataclasses.replace(FAST, attacks=("fgsm", "fgsm_margin", "pgd_margin", "apgd_dlr"))
+    curves = accuracy_curves(attack_suite(saturated, x, y, eps, settings))
+    clean = curves["fgsm"][0.0]
+    assert clean > 0.9
+    assert curves["fgsm"][0.3] >= 0.5  # blind: most images do not move at all
+    assert min(curves["fgsm_margin"][0.3], curves["apgd_dlr"][0.3]) <= 0.05
+    assert curves[WORST][0.3] <= 0.05
+    diagnostics = masking_diagnostics(curves, share)
+    assert diagnostics["ce_blind"] and diagnostics["zero_grad_share"] == share
+    assert not diagnostics["unreliable"]  # the worst case is honest: the margin attacks broke it
+    # The paper's FGSM alone on the same model: its worst case at ε = 0.3 is far above 0 %: unreliable.
+    alone = accuracy_curves(attack_suite(saturated, x, y, eps, dataclasses.replace(FAST, attacks=("fgsm",))))
+    flagged = masking_diagnostics(alone, share)
+    assert flagged["unreliable"] and "worst-case accuracy" in flagged["reasons"][0]
+
+
+def test_worst_case_is_per_image_not_a_minimum_of_rates():
+    first_half = torch.tensor([False] * 5 + [True] * 5)
+    per_image = {"fgsm": {0.1: first_half}, "square": {0.1: ~first_half}}  # each breaks a disjoint half
+    worst = worst_case(per_image)
+    assert worst[0.1].sum() == 0
+    curves = accuracy_curves({**per_image, WORST: worst})
+    assert curves["fgsm"][0.1] == curves["square"][0.1] == 0.5 and curves[WORST][0.1] == 0.0
+    assert not worst_case({"fgsm": first_half, "square": ~first_half}).any()  # one radius: masks directly
+
+
+def test_worst_case_is_never_above_any_attack(digits_model):
+    model, x, y = digits_model
+    eps = [0.0, 4 / 255, 0.1]
+    per_image = attack_suite(model, x[:120], y[:120], eps, FAST)
+    assert set(per_image) == set(FAST.attacks) | {WORST}
+    curves = accuracy_curves(per_image)
+    for e in eps:
+        assert all(curves[WORST][e] <= curves[a][e] for a in FAST.attacks)
+        robust_somewhere = torch.stack([per_image[a][e] for a in FAST.attacks])
+        assert torch.equal(per_image[WORST][e], robust_somewhere.all(0))
+    assert len({curves[a][0.0] for a in per_image}) == 1  # ε = 0: clean accuracy for every attack
+    for a in per_image:  # an example found at a small radius lies in every larger ball: monotone per image
+        assert not (per_image[a][0.1] & ~per_image[a][4 / 255]).any()
+
+
+def test_larger_radii_attack_only_the_images_still_standing():
+    model = Counting(linear_model())
+    x = torch.rand(64, 1, 3, 4, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every image clean-correct
+    model.calls = 0
+    settings = AttackSettings(attacks=("pgd_margin",), pgd_steps=2)
+    per_image = attack_suite(model, x, y, [0.5, 0.0, 0.05], settings)["pgd_margin"]
+    assert list(per_image) == [0.5, 0.0, 0.05]  # the caller's order
+    assert per_image[0.5].sum() < per_image[0.05].sum() <= 64
+    assert model.calls == 1 + 2 * (2 + 1)  # clean, then 2 steps and a prediction at each radius
+
+
+@pytest.mark.parametrize("steps", [1, 3])
+def test_pgd_takes_the_configured_number_of_steps(steps):
+    model = Counting(linear_model())
+    x = torch.rand(8, 1, 3, 4)
+    y = torch.randint(0, 3, (8,))
+    pgd(model, x, y, 0.1, steps=steps, loss="margin")
+    assert model.calls == steps
+    model.calls = 0
+    settings = AttackSettings(attacks=("pgd_margin",), pgd_steps=steps)
+    run_attack("pgd_margin", model, x, y, 0.1, settings)
+    assert model.calls == steps
+    model.calls = 0
+    pgd(model, x, y, 0.1, steps=steps, restarts=2)
+    assert model.calls == 2 * (steps + 1)  # each restart's steps, then one forward to keep what it broke
+
+
+@pytest.mark.parametrize("attack", ATTACKS)
+def test_every_attack_stays_in_the_eps_ball_and_the_box(attack):
+    model = linear_model()
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(32, 1, 3, 4, generator=g)
+    x[0], x[1] = 0.0, 1.0
+    y = torch.randint(0, 3, (32,), generator=g)
+    for eps in (1 / 255, 0.1, 0.5):
+        x_adv = run_attack(attack, model, x, y, eps, FAST, torch.Generator().manual_seed(0))
+        assert x_adv.shape == x.shape
+        assert x_adv.min() >= 0 and x_adv.max() <= 1
+        assert (x_adv - x).abs().max() <= eps + 1e-6
+    if attack != "fgsm":  # the margin loss and APGD/Square: a linear 3-class model falls at ε = 0.5
+        x_adv = run_attack(attack, model, x, y, 0.5, FAST, torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            assert (model(x_adv).argmax(1) == y).float().mean() < (model(x).argmax(1) == y).float().mean()
+
+
+def test_torchattacks_leave_the_global_rng_and_module_modes_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 8), nn.Dropout(0.5), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    model.train()
+    model[2].eval()
+    x = torch.rand(10, 1, 3, 4)
+    y = torch.randint(0, 3, (10,))
+    state = torch.get_rng_state()
+    a = apgd(model, x, y, 0.1, "dlr", steps=5, seed=3)
+    b = square(model, x, y, 0.1, queries=20, seed=3)
+    assert torch.equal(torch.get_rng_state(), state)  # torchattacks reseeds the global RNG: undone
+    assert [m.training for m in model] == [True, True, False, True, True]
+    assert torch.equal(a, apgd(model, x, y, 0.1, "dlr", steps=5, seed=3))  # its own seed makes it repeatable
+    assert torch.equal(b, square(model, x, y, 0.1, queries=20, seed=3))
+    with pytest.raises(ValueError, match="images"):
+        apgd(model, x.flatten(1), y, 0.1)
+
+
+def test_masking_diagnostics_flag_a_stronger_black_box_attack():
+    curves = {
+        "fgsm": {0.0: 0.9, 0.1: 0.8, 0.2: 0.04},
+        "apgd_dlr": {0.0: 0.9, 0.1: 0.7, 0.2: 0.03},
+        "square": {0.0: 0.9, 0.1: 0.4, 0.2: 0.02},
+        WORST: {0.0: 0.9, 0.1: 0.4, 0.2: 0.02},
+    }
+    found = masking_diagnostics(curves, 0.0)
+    assert found["square_gap"] == pytest.approx(0.3) and found["square_gap_eps"] == 0.1
+    assert found["unreliable"] and "Square" in found["reasons"][0]
+    assert found["worst_at_max_eps"] == 0.02 and found["max_eps"] == 0.2 and not found["ce_blind"]
+    honest = {**curves, "square": {0.0: 0.9, 0.1: 0.75, 0.2: 0.03}, WORST: {0.0: 0.9, 0.1: 0.7, 0.2: 0.02}}
+    assert not masking_diagnostics(honest, 0.0)["unreliable"]
+    assert masking_diagnostics(honest, 0.2)["ce_blind"]
+
+
+def test_a_chance_level_model_is_not_called_masked():
+    # A collapsed model that predicts one class: attacks cannot flip that class's images (10 % of them).
+    flat = {0.0: 0.1, 0.1: 0.1, 0.2: 0.1}
+    curves = {"fgsm": flat, "apgd_dlr": flat, "square": flat, WORST: flat}
+    at_chance = masking_diagnostics(curves, 1.0, chance=0.1)
+    assert at_chance["chance_level"] and not at_chance["unreliable"] and at_chance["clean"] == 0.1
+    assert masking_diagnostics(curves, 1.0)["unreliable"]  # without the class shares it cannot tell
+    above = {0.0: 0.9, 0.1: 0.5, 0.2: 0.1}
+    masked = masking_diagnostics({"fgsm": above, "square": above, WORST: above}, 0.0, chance=0.1)
+    assert masked["unreliable"] and not masked["chance_level"]

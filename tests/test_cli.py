@@ -140,6 +140,8 @@ TINY = [
     "eval_every=1",
     "--set",
     "probe_width=16",
+    # the whole attack suite on a small budget (test_attacks checks attack strength)
+    *("--set", "pgd_steps=3", "--set", "apgd_steps=5", "--set", "square_queries=20", "--set", "attack_images=100"),
 ]
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ibbench import config
-from ibbench.config import RunConfig, load_run_config, parse_overrides
+from ibbench.config import RunConfig, load_run_config, parse_overrides, read_yaml
 from ibbench.errors import ConfigError
 
 FIELDS = [f.name for f in dataclasses.fields(RunConfig)]
@@ -27,6 +27,15 @@ def test_defaults_are_the_papers_recipe():
     assert cfg.fgsm_eps == pytest.approx((0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255))
     assert cfg.batch_size % 10 == 0 and cfg.batch_size // 10 > cfg.k  # class-balanced on CIFAR-10
     cfg.validate()  # the defaults are a valid run
+
+
+def test_attack_settings_have_strong_defaults():
+    cfg = RunConfig()
+    assert cfg.attacks[0] == "fgsm"  # the paper's, kept for reproduction
+    assert {"fgsm_margin", "pgd_margin", "apgd_ce", "apgd_dlr", "square"} <= set(cfg.attacks)
+    assert cfg.pgd_steps >= 10 and cfg.apgd_steps == 100 and cfg.square_queries >= 1000
+    assert cfg.attack_images == 1000 and cfg.eot_draws == 0
+    assert RunConfig.from_dict({"pgd_steps": 3}).pgd_steps == 3
 
 
 def test_design_fields_exist():
@@ -125,9 +134,23 @@ BAD = {
     "negative_lr": ("lr: -0.001\n", "lr", ["> 0"]),
     "eps_above_one": ("fgsm_eps: [0.0, 8]\n", "fgsm_eps", ["[0, 1]"]),
     "eps_negative": ("fgsm_eps: [-0.1]\n", "fgsm_eps", ["[0, 1]"]),
+    "unknown_attack": ("attacks: [fgsm, cw]\n", "attacks", ["'cw'", "apgd_dlr", "square"]),
+    "no_attacks": ("attacks: []\n", "attacks", ["fgsm"]),
+    "duplicate_attack": ("attacks: [fgsm, fgsm]\n", "attacks", ["twice"]),
+    "pgd_steps_zero": ("pgd_steps: 0\n", "pgd_steps", ["≥ 1"]),
+    "pgd_restarts_zero": ("pgd_restarts: 0\n", "pgd_restarts", ["≥ 1"]),
+    "pgd_step_size_zero": ("pgd_step_size: 0\n", "pgd_step_size", ["> 0"]),
+    "apgd_steps_zero": ("apgd_steps: 0\n", "apgd_steps", ["≥ 1"]),
+    "square_queries_zero": ("square_queries: 0\n", "square_queries", ["≥ 1"]),
+    "attack_images_zero": ("attack_images: 0\n", "attack_images", ["≥ 1"]),
+    "attack_seed_negative": ("attack_seed: -1\n", "attack_seed", ["≥ 0"]),
+    "eot_negative": ("eot_draws: -2\n", "eot_draws", ["EOT"]),
     "unknown_device": ("device: tpu\n", "device", ["'tpu'", "auto, cpu, cuda"]),
     "dropconnect_one": ("dropconnect: 1.0\n", "dropconnect", ["[0, 1)"]),
     "negative_seed": ("seed: -1\n", "seed", ["≥ 0"]),
+    "seed_2_64": ("seed: 18446744073709551616\n", "seed", ["too large", "4294967295"]),
+    "seed_2_32": ("seed: 4294967296\n", "seed", ["too large", "4294967295"]),
+    "duplicate_key": ("beta: 0.1\nk: 2\nbeta: 0.5\n", "line 3", ["duplicate key 'beta' (first on line 1)"]),
     "unknown_amp": ("amp: fp8\n", "amp", ["off, bf16"]),
     "yaml_syntax": ("beta: 0.1\nk: [1, 2\nseed: 0\n", "line", ["invalid YAML"]),
     "top_level_list": ("- beta: 0.1\n", "(top level)", ["mapping", "list"]),
@@ -153,6 +176,19 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path):
     path.write_text("beta: 0.1\nseed: 0\nk: [1, 2\nlr: 0.1\n")
     with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line \d+: invalid YAML"):
         load_run_config(path)
+
+
+def test_largest_seed_every_consumer_accepts_is_valid():
+    assert RunConfig.from_dict({"seed": 2**32 - 1}).seed == 2**32 - 1
+
+
+def test_duplicate_keys_in_nested_mappings_are_refused_and_merges_are_not(tmp_path: Path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("name: x\nbase:\n  k: 1\n  epochs: 2\n  k: 3\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(path))}: line 5: invalid YAML: duplicate key 'k'"):
+        read_yaml(path)
+    path.write_text("a: &a {k: 1, beta: 0.1}\nb: {<<: *a, k: 2}\n")
+    assert read_yaml(path)["b"] == {"k": 2, "beta": 0.1}  # overriding a merged key is what merges are for
 
 
 def test_missing_file(tmp_path: Path):

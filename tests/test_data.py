@@ -239,3 +239,13 @@ def test_device_loader_augment_and_channels_last() -> None:
         assert torch.equal(yb, yp)
         changed |= not torch.equal(xb, xp)
     assert changed
+
+
+def test_channels_last_is_made_before_the_copy_to_the_device():
+    """The layout is converted on the host: the device never holds both layouts of the split."""
+    x = torch.rand(40, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    y = torch.arange(40) % 4
+    loader = DeviceLoader(x, y, 8, device="meta", channels_last=True)
+    assert loader.x.device.type == "meta" and loader.x.is_contiguous(memory_format=torch.channels_last)
+    xb, _ = next(iter(DeviceLoader(x, y, 8, channels_last=True)))
+    assert xb.is_contiguous(memory_format=torch.channels_last)

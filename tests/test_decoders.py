@@ -217,3 +217,33 @@ def test_decoders_fit_and_differentiate_on_cuda(name):
     (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(decoder(z_in), y), z_in)
     assert grad.is_cuda and torch.isfinite(grad).all()
     assert accuracy(decoder, z, y) >= 0.95
+
+
+@pytest.mark.parametrize("name", ["gmm", "logreg", "resfc"])
+def test_a_fitted_decoder_forward_never_reads_the_device(name):
+    """Attacks differentiate through forward hundreds of times: it must not wait for the device (on CUDA)."""
+    from host_reads import HostReads
+
+    z, y = gaussian_blobs(60, 5, 3, separation=10.0, seed=0)
+    decoder = small_resfc(5, 3) if name == "resfc" else make_decoder(name, 5, 3)
+    decoder.fit(z, y)
+    z_in = z.clone().requires_grad_(True)
+    with HostReads() as reads:
+        torch.autograd.grad(torch.nn.functional.cross_entropy(decoder(z_in), y), z_in)
+    assert reads.count == 0
+    restored = small_resfc(5, 3) if name == "resfc" else make_decoder(name, 5, 3)
+    restored.load_state_dict(decoder.state_dict())  # fitted through the state_dict alone
+    restored(z)
+
+
+def test_the_logistic_regression_log_reports_the_final_loss(caplog):
+    z, y = gaussian_blobs(60, 5, 3, separation=3.0, seed=1)
+    with caplog.at_level("DEBUG", logger="ibbench.decoders"):
+        decoder = make_decoder("logreg", 5, 3).fit(z, y)
+    (message,) = [r.getMessage() for r in caplog.records if "logreg fitted" in r.getMessage()]
+    reported = float(message.split("final loss ")[1].split(" nats")[0])
+    with torch.no_grad():
+        x = (z - decoder.mean) / decoder.scale
+        penalty = 0.5 * decoder.l2 * decoder.linear.weight.pow(2).sum()
+        final = torch.nn.functional.cross_entropy(decoder.linear(x), y) + penalty
+    assert reported == pytest.approx(float(final), rel=1e-3) and reported < math.log(3)  # not the initial log C

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ibbench.attacks import WORST, AttackSettings
 from ibbench.decoders import Decoder
 from ibbench.estimators import ZERO_ENTROPY_STD
 from ibbench.evaluation import (
@@ -17,6 +18,8 @@ from ibbench.evaluation import (
     fit_decoders,
     information_plane,
     robustness,
+    robustness_suite,
+    stratified_subset,
 )
 
 SMALL_RESFC = {"width": 32, "blocks": 1, "max_epochs": 60}
@@ -100,3 +103,58 @@ def test_fit_decoders_accuracy_and_robustness_through_encoder_decoder():
     model = EncoderDecoder(encoder, decoders["gmm"]).eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), decoders["gmm"](encode(encoder, x)))
+
+
+def test_stratified_subset_keeps_class_shares_and_is_fixed_by_its_seed():
+    y = torch.tensor([0] * 50 + [1] * 30 + [2] * 20)
+    index = stratified_subset(y, 10, seed=0)
+    assert index.tolist() == sorted(index.tolist()) and len(set(index.tolist())) == 10
+    assert torch.bincount(y[index], minlength=3).tolist() == [5, 3, 2]
+    assert torch.equal(index, stratified_subset(y, 10, seed=0))
+    assert not torch.equal(index, stratified_subset(y, 10, seed=1))
+    assert torch.equal(stratified_subset(y, 1000, seed=0), torch.arange(100))  # the default takes all of digits
+    uneven = stratified_subset(y, 7, seed=0)
+    assert len(uneven) == 7 and set(y[uneven].tolist()) == {0, 1, 2}
+
+
+def test_eot_model_averages_noise_draws_and_stays_differentiable():
+    encoder = tiny_encoder().eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(40, 1, 4, 4, generator=g)
+    y = torch.randint(0, 3, (40,), generator=g)
+    decoder = fit_decoders(["gmm"], encode(encoder, x, noise=True, generator=g), y, num_classes=3)["gmm"]
+    plain = EncoderDecoder(encoder, decoder)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), decoder(encoder(x)))
+    one = EncoderDecoder(encoder, decoder, noise_draws=1, generator=torch.Generator().manual_seed(3))
+    again = EncoderDecoder(encoder, decoder, noise_draws=1, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(one(x), again(x))  # the model's own generator: reproducible draws
+        assert not torch.allclose(one(x), plain(x).log_softmax(1))  # the noise is on
+    many = EncoderDecoder(encoder, decoder, noise_draws=16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        probs = many(x).exp()
+    torch.testing.assert_close(probs.sum(1), torch.ones(40))  # log of the mean softmax: a distribution
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(many(xr).logsumexp(1).sum() - many(xr)[:, 0].sum(), xr)
+    assert torch.isfinite(grad).all() and grad.abs().sum() > 0
+
+
+def test_robustness_suite_attacks_every_decoder_and_reports_masking():
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    prototypes = torch.rand(3, 1, 4, 4, generator=g)
+    y = torch.arange(3).repeat(30)
+    x = (prototypes[y] + 0.05 * torch.randn(len(y), 1, 4, 4, generator=g)).clamp(0, 1)
+    encoder = tiny_encoder()
+    decoders = fit_decoders(["gmm", "logreg"], encode(encoder, x), y, num_classes=3)
+    settings = AttackSettings(pgd_steps=3, apgd_steps=5, square_queries=20)
+    out = robustness_suite(encoder, decoders, x, y, [0.0, 0.1, 0.5], settings, eot_draws=0)
+    assert set(out) == {"robustness", "masking"}
+    for name in ("gmm", "logreg"):
+        curves = out["robustness"][name]
+        assert set(curves) == set(settings.attacks) | {WORST}
+        assert curves[WORST][0.0] == pytest.approx(decoder_accuracy(decoders[name], encode(encoder, x), y))
+        assert curves[WORST][0.5] <= min(curves[a][0.5] for a in settings.attacks)
+        assert out["masking"][name]["max_eps"] == 0.5
+        assert 0.0 <= out["masking"][name]["zero_grad_share"] <= 1.0

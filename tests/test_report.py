@@ -18,12 +18,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
-from ibbench import cli, report, results
+from ibbench import cli, report, results, train
+from ibbench.config import RunConfig
 
 FIXTURE = Path(__file__).parent / "fixtures" / "report_sweep"
 ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
-TABLES = ("accuracy", "robustness", "infoplane", "unfinished")
+TABLES = ("accuracy", "robustness", "robustness_attacks", "masking", "infoplane", "unfinished")
 FIGURES = {"fig1_robustness": (800, 500), "fig2_infoplane": (1200, 500), "fig3_generalization": (800, 500)}
 BASELINES = ("ce", "ce_dropconnect")
 
@@ -100,7 +102,8 @@ def test_accuracy_table_equals_pandas():
     assert baselines[["beta", "noise", "k"]].isna().all().all()
 
 
-def test_robustness_table_equals_pandas():
+def test_robustness_tables_equal_pandas_on_old_runs():
+    """The fixture's runs predate the attack suite: FGSM only; the worst case shows as missing, never invented."""
     rows = []
     for run in _raw_runs():
         for decoder, attacks in run["summary"]["robustness"].items():
@@ -114,17 +117,29 @@ def test_robustness_table_equals_pandas():
     raw[["beta", "noise", "k"]] = raw[["beta", "noise", "k"]].astype(object).fillna("-")
     expected = _expected(raw, ["objective", "beta", "noise", "k", "decoder"], values)
 
-    table = report.robustness_table(results.load_runs(FIXTURE))
+    runs = results.load_runs(FIXTURE)
+    table = report.attack_table(runs)
     assert [m.label for m in table.metrics] == ["ε=0", "ε=0.02", "ε=0.05", "AUC"]
-    assert len(table.frame) == len(expected)
-    assert list(table.frame["rank"]) == list(range(1, len(expected) + 1))
-    assert table.frame["auc"].is_monotonic_decreasing  # ranked
+    assert len(table.frame) == len(expected) and set(table.frame["attack"]) == {"fgsm"}
+    for _, rows_of in table.frame.groupby("decoder"):
+        assert rows_of["auc"].is_monotonic_decreasing  # ordered by AUC within (attack, decoder)
     for _, row in table.frame.iterrows():
         key = tuple("-" if v is None else v for v in _table_key(row))
         want = expected.loc[(*key, row["decoder"])]
         for metric, theirs in zip(table.metrics, values, strict=True):
             assert row[metric.column] == pytest.approx(want[theirs], abs=1e-12)
             assert row[f"{metric.column}_se"] == pytest.approx(want[f"{theirs}_se"], abs=1e-12)
+
+    main = report.robustness_table(runs)
+    assert [m.label for m in main.metrics] == ["ε=0", "ε=0.02", "ε=0.05", "worst AUC", "FGSM AUC (paper)",
+                                              "zero-grad share"]  # fmt: skip
+    assert len(main.frame) == len(expected)
+    assert main.frame["auc"].isna().all() and main.frame["rank"].isna().all()  # no worst case: not ranked
+    for _, row in main.frame.iterrows():
+        key = tuple("-" if v is None else v for v in _table_key(row))
+        assert row["fgsm_auc"] == pytest.approx(expected.loc[(*key, row["decoder"])]["auc"], abs=1e-12)
+    md = report.table_markdown(main)
+    assert "| gmm | – | CE | – | – | – | – | 2 | – |" in md  # missing attacks show as "–"
 
 
 def test_infoplane_table_equals_pandas():
@@ -202,12 +217,14 @@ def test_html_is_self_contained(written):
     ET.fromstring(text.split("\n", 1)[1])  # well-formed (after the doctype line)
     parser = _Collector()
     parser.feed(text)
-    assert len(parser.images) == 3 and parser.tags.count("table") == 3  # no unfinished runs: no 4th table
+    # accuracy, robustness, per attack, information plane; no masking diagnostics (old runs), no unfinished runs
+    assert len(parser.images) == 3 and parser.tags.count("table") == 4
     sizes = sorted(_png_size(base64.b64decode(src.split(",", 1)[1])) for src in parser.images)
     assert all(src.startswith("data:image/png;base64,") for src in parser.images)
     assert sizes == sorted(FIGURES.values())
     assert "href=" not in text and "<script" not in text
     assert "biased" in text and "relative" in text  # the estimator's caveat
+    assert "worst case over a suite" in text and "saturates" in text  # how robustness is measured, and why
 
 
 def test_markdown_has_tables_figures_and_caveat(written):
@@ -333,8 +350,7 @@ def test_a_fresh_tiny_sweep_reports_every_number_it_measured(tmp_path, ray_runti
     raw = _raw_runs(root)
     tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("accuracy", "robustness", "infoplane")}
     for name in ("accuracy", "robustness", "infoplane"):
-        numbers = [c for c in tables[name].columns if c not in ("n", "rank") and not c.endswith("_se")]
-        numbers = [c for c in numbers if pd.api.types.is_float_dtype(tables[name][c])]
+        numbers = [c for c in tables[name].columns if f"{c}_se" in tables[name].columns]  # the measured columns
         assert numbers and not tables[name][numbers].isna().any().any(), (name, tables[name])
     # Each number is the mean over seeds of what the runs wrote.
     accuracy = tables["accuracy"]
@@ -357,3 +373,90 @@ def test_a_fresh_tiny_sweep_reports_every_number_it_measured(tmp_path, ray_runti
         finals = [r["metrics"][-1]["infoplane/i_xz"] for r in raw if r["config"].get("beta") == beta
                   and r["config"]["objective"] == "ib"]  # fmt: skip
         assert row["final_i_xz"] == pytest.approx(np.mean(finals), abs=1e-9)
+
+
+SUITE_RUN = {
+    "dataset": "digits",
+    "encoder": "mlp",
+    "latent_dim": 16,
+    "k": 3,
+    "epochs": 2,
+    "batch_size": 100,
+    "eval_every": 2,
+    "probe_width": 16,
+    "augment": False,
+    "lr": 3e-3,
+    "decoders": ["gmm"],
+    "fgsm_eps": [0.0, 0.1, 0.3],
+    "pgd_steps": 5,
+    "apgd_steps": 10,
+    "square_queries": 30,
+    "attack_images": 100,
+}
+
+
+class _Saturated(torch.nn.Module):
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z):
+        return 1000 * self.decoder(z)
+
+
+@pytest.fixture(scope="module")
+def suite_sweep(tmp_path_factory) -> Path:
+    """A real tiny sweep in the new format: IB with noise and CE through the same GMM, the CE head, and the same CE
+    model with its GMM saturated (logits × 1000), once attacked by the whole suite and once by the paper's FGSM."""
+    root = tmp_path_factory.mktemp("suite") / "suite"
+    train.run(RunConfig.from_dict({**SUITE_RUN, "beta": 0.05}), root / "ib")
+    train.run(RunConfig.from_dict({**SUITE_RUN, "objective": "ce", "noise": False}), root / "ce")
+    fit = train.fit_decoders
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "fit_decoders", lambda *a, **k: {n: _Saturated(d) for n, d in fit(*a, **k).items()})
+        saturated = {**SUITE_RUN, "objective": "ce", "noise": False, "attack_seed": 7}  # its own configuration
+        train.run(RunConfig.from_dict(saturated), root / "saturated")
+        train.run(RunConfig.from_dict({**saturated, "attacks": ["fgsm"]}), root / "fgsm_only")
+    return root
+
+
+def test_report_ranks_by_the_worst_case_like_for_like_and_flags_masking(suite_sweep, tmp_path):
+    runs = results.load_runs(suite_sweep)
+    main = report.robustness_table(runs).frame
+    assert set(main["decoder"]) == {"gmm", "head"}
+    gmm = main[main["decoder"] == "gmm"]
+    assert set(gmm["objective"]) == {"ib", "ce"}  # IB and CE compared through the same decoder
+    # the same CE encoder, saturated, attacked by the paper's FGSM only: its worst case looks masked
+    flagged = gmm[gmm["check"] == "unreliable"]
+    assert len(flagged) == 1 and flagged["rank"].isna().all()
+    assert flagged["acc@0.3"].iloc[0] > 0.05
+    ranked = gmm[gmm["check"].str.startswith("ok")]
+    assert gmm["check"].str.contains("CE attacks blind").sum() == 1  # the saturated GMM under the full suite
+    assert sorted(ranked["rank"]) == list(range(1, len(ranked) + 1))
+    assert list(ranked.sort_values("rank")["auc"]) == sorted(ranked["auc"], reverse=True)
+    for _, row in ranked.iterrows():
+        assert row["auc"] <= row["fgsm_auc"] + 1e-12  # the worst case is never above the paper's FGSM
+    masking = report.masking_table(runs).frame
+    blind = masking[masking["zero_grad"] >= 0.5]
+    assert len(blind) == 2 and set(blind["decoder"]) == {"gmm"}  # both saturated runs, not the head
+    attacks = report.attack_table(runs).frame
+    notes = attacks[attacks["note"].notna()]
+    assert set(notes["attack"]) <= {"fgsm", "pgd", "apgd_ce"} and "fgsm" in set(notes["attack"])
+
+    out = tmp_path / "out"
+    report.write_report(suite_sweep, out)
+    md = (out / "report.md").read_text()
+    assert "Unreliable worst cases (1), not ranked" in md and "fgsm_only: worst-case accuracy" in md
+    assert "CE-blind" in md and "worst-case accuracy" in md
+    assert "Latent noise during attacks: off (deterministic model) in 4 runs" in md
+    assert "apgd_dlr" in md and "Square" in md
+
+
+def test_figure_one_has_a_panel_per_decoder_family(suite_sweep):
+    runs = results.load_runs(suite_sweep)
+    fig = report.figure_robustness(runs)
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == ["decoder gmm"]
+    assert "worst case" in fig.get_suptitle()
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "CE, same decoder" in labels and "CE, own classifier" in labels and "unreliable (masked)" in labels

@@ -247,6 +247,17 @@ MALFORMED = {
     "name_escapes": (BASE.replace("name: bad", "name: ../escape"), "name", "lower-case letters"),
     "name_upper_case": (BASE.replace("name: bad", "name: Upper"), "name", "lower-case letters"),
     "name_missing": (BASE.replace("name: bad\n", ""), "name", "lower-case letters"),
+    "name_trailing_newline": (BASE.replace("name: bad", 'name: "bad\\n"'), "name", "lower-case letters"),
+    "duplicate_key": (BASE + "grid: {beta: [0.1]}\ngrid: {k: [1]}\n", "line 4", None),
+    "grid_over_max_runs": (BASE + "max_runs: 5\ngrid: {beta: [0.1, 0.2, 0.3], seed: [0, 1]}\n", "grid", "at most 5"),
+    "max_runs_zero": (BASE + "max_runs: 0\n", "max_runs", "an integer ≥ 1"),
+    "search_metric_typo": (BASE + SEARCH.replace("}}}", "}}, metric: test_acc/gmn}"), "search.metric", "test_acc/gmm"),
+    "search_metric_not_every_objective": (
+        BASE + SEARCH.replace("}}}", "}, objective: {choice: [ib, ce]}}, metric: train/h_z}"),
+        "search.metric",
+        "test_acc/gmm",
+    ),
+    "search_seed_too_large": (BASE + SEARCH.replace("}}}", "}}, seed: 4294967296}"), "search.seed", "4294967295"),
     "baselines_not_a_list": (BASE + "baselines: {objective: ce}\n", "baselines", "[{objective: ce}]"),
     "baseline_unknown_field": (BASE + "baselines: [{objectiv: ce}]\n", "baselines[0].objectiv", "objective"),
     "baseline_unknown_objective": (BASE + "baselines: [{objective: mse}]\n", "baselines[0].objective", "ce"),
@@ -278,6 +289,23 @@ def test_malformed_sweep(tmp_path: Path, case: str):
     assert "\n" not in message
     if allowed is not None:
         assert "; allowed: " in message and allowed in message.split("; allowed: ", 1)[1], message
+
+
+def test_the_default_cap_refuses_a_huge_grid_before_building_it(tmp_path: Path):
+    axes = ", ".join(f"{k}: [{', '.join(str(i) for i in range(1, 12))}]" for k in ("seed", "k", "latent_dim", "epochs"))
+    path = write(tmp_path, BASE + f"grid: {{{axes}, beta: [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]}}\n")
+    with pytest.raises(ConfigError, match=r": grid: 131769 runs exceed max_runs = 100000; allowed: at most 100000"):
+        load_sweep(path)  # 131769 configs would take minutes to build; the refusal is immediate
+    raised = write(tmp_path, BASE + "max_runs: 6\ngrid: {beta: [0.1, 0.2, 0.3], seed: [0, 1]}\n", "raised.yaml")
+    assert len(expand(load_sweep(raised))) == 6  # the cap is the sweep file's to raise
+    assert spec_to_dict(load_sweep(raised))["max_runs"] == 6  # and sweep.yaml keeps it, for status and reruns
+    with pytest.raises(ConfigError, match=r": grid: 6 runs exceed max_runs = 5"):
+        load_sweep(raised, max_runs=5)  # ibbench sweep --max-runs 5
+
+
+def test_a_search_metric_reported_by_every_trial_is_accepted(tmp_path: Path):
+    text = BASE + SEARCH.replace("}}}", "}, objective: {choice: [ib, ce]}}, metric: test_acc/gmm}")
+    assert load_sweep(write(tmp_path, text)).search.metric == "test_acc/gmm"
 
 
 def test_missing_sweep_file(tmp_path: Path):

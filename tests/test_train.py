@@ -7,10 +7,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import traceback
 
 import pytest
 import torch
+from host_reads import HostReads
 
 from ibbench import results, train
 from ibbench.config import RunConfig
@@ -26,6 +26,10 @@ SMALL = dict(
     beta=0.05,
     lr=1e-3,
     fgsm_eps=[0.0, 4 / 255, 16 / 255],
+    pgd_steps=5,  # the whole attack suite on small budgets (test_attacks checks the attacks' strength)
+    apgd_steps=10,
+    square_queries=50,
+    attack_images=1000,  # all of digits' 450 test images: the ε = 0 point is the test accuracy
 )
 
 METRIC_FIELDS = {
@@ -124,7 +128,8 @@ def killed_run(script_text: str, cfg: RunConfig, run_dir):
 
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
-    cfg = small(epochs=4)
+    # On the CPU: bitwise equality is promised there only (cuDNN autotuning and atomic adds vary on GPUs).
+    cfg = small(epochs=4, device="cpu")
     killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
@@ -213,23 +218,6 @@ def test_vib_without_its_kl_term_learns_like_cross_entropy(tmp_path):
     assert accuracy["ce"] > 0.85 and abs(accuracy["vib"] - accuracy["ce"]) <= 0.05, accuracy
 
 
-class _HostReads(torch.overrides.TorchFunctionMode):
-    """Counts the tensor calls that make the host wait for the device (on CUDA: a sync)."""
-
-    SYNCING = ("__bool__", "item", "tolist", "cpu", "__float__", "__int__", "numpy", "__index__")
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", "") in self.SYNCING:
-            # Adam reads its `step` counter with .item(): a host tensor (train.py keeps it there), so no sync.
-            caller = traceback.extract_stack(limit=3)[0].filename
-            self.count += f"torch{os.sep}optim{os.sep}" not in caller
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("objective, most", [("ib", 2), ("ce", 0), ("vib", 0), ("nlib", 0)])
 def test_a_training_step_reads_the_device_at_most_twice(objective, most):
     """Host reads per step, counted on CPU as the difference between a 3-step and a 1-step epoch (what an epoch
@@ -245,7 +233,75 @@ def test_a_training_step_reads_the_device_at_most_twice(objective, most):
     batches = list(loader)
     reads = {}
     for steps in (1, 3):
-        with _HostReads() as counter:
+        with HostReads() as counter:
             train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
         reads[steps] = counter.count
     assert (reads[3] - reads[1]) / 2 <= most, reads
+
+
+def test_float32_precision_is_set_both_ways_and_recorded(tmp_path):
+    matmul = torch.backends.cuda.matmul
+    before = (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision)
+    try:
+        # The flags are process-wide: a reused Ray worker must not keep an earlier run's TF32.
+        assert train.set_precision(small(tf32=True), torch.device("cuda")) == {"amp": "off", "float32": "tf32"}
+        assert (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("tf32", "tf32")
+        assert train.set_precision(small(tf32=False), torch.device("cuda"))["float32"] == "ieee"
+        assert (matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision) == ("ieee", "ieee")
+    finally:
+        matmul.fp32_precision, torch.backends.cudnn.conv.fp32_precision = before
+    summary = train.run(small(epochs=1, tf32=True, device="cpu"), tmp_path / "r")
+    assert summary["precision"] == {"amp": "off", "float32": "ieee"}  # no TF32 on a CPU, whatever was asked
+
+
+class Saturated(torch.nn.Module):
+    """A fitted decoder's logits × 1000: the float32 softmax saturates (the issue's deliberately masked model)."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder = decoder
+
+    def forward(self, z):
+        return 1000 * self.decoder(z)
+
+
+def test_summary_records_the_suite_the_worst_case_and_how_decoders_were_fitted(tmp_path):
+    cfg = small(epochs=2, decoders=["gmm", "logreg"], pgd_steps=3, attack_images=100, fgsm_eps=[0.0, 0.1, 0.25])
+    summary = train.run(cfg, tmp_path / "r")
+    settings = summary["attack_settings"]
+    assert settings["attacks"] == list(cfg.attacks) and settings["pgd_steps"] == 3
+    assert settings["images"] == 100 and settings["test_images"] == 450 and settings["latent_noise"] == "off"
+    assert {"apgd_steps", "apgd_restarts", "pgd_restarts", "pgd_step_size", "square_queries", "seed"} <= set(settings)
+    assert summary["decoder_fit"]["gmm"].startswith("train latents with the zero-entropy noise")
+    assert summary["decoder_fit"]["logreg"] == "noise-free train latents"
+    for decoder in ("gmm", "logreg"):
+        curves = summary["robustness"][decoder]
+        assert set(curves) == set(cfg.attacks) | {"worst"}
+        for eps in curves["worst"]:
+            assert curves["worst"][eps] <= min(curves[a][eps] for a in cfg.attacks)
+        masking = summary["masking"][decoder]
+        assert {"zero_grad_share", "square_gap", "worst_at_max_eps", "unreliable", "reasons"} <= set(masking)
+        assert masking["worst_at_max_eps"] == curves["worst"]["0.25"]
+    # On digits IB + noise, the GMM fitted on noisy latents keeps its cross-entropy gradients (< 1 % zero).
+    assert summary["masking"]["gmm"]["zero_grad_share"] < 0.01
+
+
+def test_a_saturated_decoder_is_flagged_in_the_summary(tmp_path, monkeypatch):
+    fit = train.fit_decoders
+    monkeypatch.setattr(train, "fit_decoders", lambda *a, **k: {n: Saturated(d) for n, d in fit(*a, **k).items()})
+    cfg = small(objective="ce", noise=False, epochs=2, lr=3e-3, fgsm_eps=[0.0, 0.3], attack_images=200)
+    summary = train.run(cfg, tmp_path / "r")
+    gmm, curves = summary["masking"]["gmm"], summary["robustness"]["gmm"]
+    assert gmm["zero_grad_share"] >= 0.5 and gmm["ce_blind"]
+    assert curves["fgsm"]["0.3"] >= 0.5  # the paper's FGSM is blind to it ...
+    assert min(curves["fgsm_margin"]["0.3"], curves["apgd_dlr"]["0.3"]) <= 0.05  # ... the margin attacks are not
+    assert curves["worst"]["0.3"] <= 0.05 and not gmm["unreliable"]
+    assert summary["decoder_fit"]["head"].startswith("the objective's own head")
+
+
+def test_eot_attacks_the_noisy_model(tmp_path):
+    cfg = small(epochs=1, eot_draws=4, attacks=["fgsm", "pgd_margin"], fgsm_eps=[0.0, 0.1], attack_images=100)
+    summary = train.run(cfg, tmp_path / "r")
+    assert summary["attack_settings"]["eot_draws"] == 4
+    assert summary["attack_settings"]["latent_noise"] == "EOT over 4 draws"
+    assert set(summary["robustness"]["gmm"]) == {"fgsm", "pgd_margin", "worst"}

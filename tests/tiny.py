@@ -11,4 +11,9 @@ TINY_RUN = {
     "probe_width": 16,
     "augment": False,
     "fgsm_eps": [0.0, 0.05],
+    # the whole attack suite, on a small budget: these runs test where runs execute, not attack strength
+    "pgd_steps": 3,
+    "apgd_steps": 5,
+    "square_queries": 20,
+    "attack_images": 100,
 }

@@ -46,6 +46,7 @@ class Objective(nn.Module):
 
     label: str = "?"  # how reports name it
     has_head: bool = False
+    terms: tuple[str, ...] = ("loss",)  # the keys forward() returns (metrics.jsonl's train/<term>)
     # RunConfig fields the objective itself reads (beyond those every run uses): elsewhere they mean nothing,
     # and tables show "–" for them.
     fields: tuple[str, ...] = ()

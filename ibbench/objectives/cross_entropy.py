@@ -15,6 +15,7 @@ class CrossEntropy(Objective):
 
     label = "CE"
     has_head = True
+    terms = ("loss", "ce", "train_acc")
 
     def __init__(self, settings: ObjectiveSettings):
         super().__init__(settings)

@@ -32,6 +32,7 @@ class IB(Objective):
     """
 
     label = "IB"
+    terms = ("loss", "h_z", "h_z_given_y")
     fields = ("beta", "k")
     beta_meaning = "β'' = 1/β of the IB Lagrangian H[Y|Z] + β'' H[Z]"
     beta_symbol = "β''"

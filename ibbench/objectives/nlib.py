@@ -25,6 +25,7 @@ class NonlinearIB(Objective):
 
     label = "NLIB"
     has_head = True
+    terms = ("loss", "ce", "i_xz_bound", "noise_var", "train_acc")
     fields = ("beta", "nlib_noise_var", "nlib_learn_noise", "nlib_squared")
     beta_meaning = "β, the weight of the KDE bound Î(X;Z) (or of Î² with nlib_squared)"
     noise_allowed = False  # its Gaussian noise of variance nlib_noise_var is the objective's own

@@ -32,6 +32,7 @@ class VIB(Objective):
 
     label = "VIB"
     has_head = True
+    terms = ("loss", "ce", "kl", "i_xz_bound", "train_acc")
     fields = ("beta", "vib_samples")
     beta_meaning = "β, the weight of KL(q(z|x) ‖ N(0, I))"
     noise_allowed = False  # its reparameterised sample is its noise

@@ -34,11 +34,17 @@ from ibbench.report.render import (
 from ibbench.report.tables import (
     CAVEAT,
     INFOPLANE_VALUES,
+    KEY_LABELS,
+    ROBUSTNESS_CAVEAT,
     Metric,
     Table,
     accuracy_table,
+    attack_settings_text,
+    attack_table,
+    fmt_key,
     infoplane_table,
     is_missing,
+    masking_table,
     mean_se,
     robustness_table,
     unfinished_table,
@@ -54,12 +60,14 @@ __all__ = [
     "Report",
     "Table",
     "accuracy_table",
+    "attack_table",
     "build_report",
     "figure_generalization",
     "figure_infoplane",
     "figure_robustness",
     "infoplane_table",
     "is_missing",
+    "masking_table",
     "mean_se",
     "robustness_table",
     "table_csv",
@@ -72,6 +80,8 @@ __all__ = [
 
 # (table, the figure shown with it), in the document's order
 SECTIONS = (("accuracy", "fig3_generalization"), ("robustness", "fig1_robustness"), ("infoplane", "fig2_infoplane"))
+# tables shown after a section's figure: the evidence behind the robustness table
+DETAILS = {"robustness": ("robustness_attacks", "masking")}
 
 
 @dataclass
@@ -106,20 +116,36 @@ class Report:
         if not self.tables["accuracy"].frame.empty and not self.tables["accuracy"].show_se:
             out.append(("p", "Every configuration has a single seed: no standard errors can be given."))
         out += [("h2", "Caveat: the entropy estimates"), ("caveat", CAVEAT)]
+        out += [("h2", "Caveat: how robustness is measured"), ("caveat", ROBUSTNESS_CAVEAT)]
         for name, figure in SECTIONS:
             table = self.tables[name]
-            out += [
-                ("h2", table.title),
-                ("p", table.note),
-                ("table", table),
-                ("figure", (figure, FIGURE_CAPTIONS[figure])),
-            ]
+            out += [("h2", table.title), ("p", table.note)]
+            if name == "robustness":
+                out += [("p", attack_settings_text(runs))] + self._unreliable_blocks()
+            out += [("table", table), ("figure", (figure, FIGURE_CAPTIONS[figure]))]
+            for detail in DETAILS.get(name, ()):
+                extra = self.tables[detail]
+                out += [("h2", extra.title), ("p", extra.note), ("table", extra)]
         out.append(("h2", self.unfinished.title))
         if self.unfinished.frame.empty:
             out.append(("p", f"None: all {total} runs finished."))
         else:
             out += [("p", self.unfinished.note), ("table", self.unfinished)]
         return out
+
+    def _unreliable_blocks(self) -> list[Block]:
+        """A paragraph naming every (model, decoder) whose worst case looks masked, with the numbers."""
+        masking = self.tables["masking"].frame
+        if masking.empty:
+            return []
+        bad = masking[masking["verdict"] == "unreliable"]
+        if bad.empty:
+            return [("p", f"No worst case is marked unreliable ({len(masking)} (model, decoder) pairs checked).")]
+        lines = []
+        for _, row in bad.iterrows():
+            model = ", ".join(f"{KEY_LABELS.get(k, k)}={fmt_key(k, row[k])}" for k in self.tables["masking"].keys[:-3])
+            lines.append(f"{model}, decoder {row['decoder']}: {row['reasons']}")
+        return [("p", f"Unreliable worst cases ({len(bad)}), not ranked: " + " | ".join(lines))]
 
 
 def build_report(root: Path | str) -> Report:
@@ -130,10 +156,12 @@ def build_report(root: Path | str) -> Report:
     tables = {
         "accuracy": accuracy_table(runs),
         "robustness": robustness_table(runs),
+        "robustness_attacks": attack_table(runs),
+        "masking": masking_table(runs),
         "infoplane": infoplane_table(runs, metrics),
     }
     figures = {
-        "fig1_robustness": figure_robustness(runs, tables["robustness"]),
+        "fig1_robustness": figure_robustness(runs, tables["robustness_attacks"]),
         "fig2_infoplane": figure_infoplane(runs, metrics),
         "fig3_generalization": figure_generalization(runs, tables["accuracy"]),
     }

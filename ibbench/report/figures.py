@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -15,18 +16,19 @@ from matplotlib.collections import LineCollection
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from ibbench.attacks import ATTACK_LABELS, PAPER_ATTACK, WORST
 from ibbench.report.tables import (
     BASELINE_OBJECTIVES,
     HEAD,
     KEY_LABELS,
     OBJECTIVE_LABELS,
-    PREFERRED_DECODER,
     Table,
     accuracy_table,
+    attack_table,
     fmt_key,
     is_missing,
+    masking_table,
     prepare_runs,
-    robustness_table,
     to_float,
 )
 
@@ -101,50 +103,85 @@ def _figure(name: str, **kwargs) -> Figure:
     return Figure(figsize=FIGURE_SIZES[name], dpi=DPI, layout="constrained", **kwargs)
 
 
-def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: str = "fgsm") -> Figure:
-    """Fig. 1: accuracy vs ε, one line per β'', noise solid / no noise dashed, baselines black/red dashed."""
-    table = table if table is not None else robustness_table(runs)
+def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: str | None = None) -> Figure:
+    """Fig. 1: accuracy vs ε under the per-image worst case, one panel per decoder family, like for like.
+
+    In each panel: IB, one line per β'' (noise solid / no noise dashed), and the baselines through the same
+    decoder (CE red, CE+DropConnect black, dashed); the baselines' own classifier is an extra dotted line in
+    every panel. `table` is attack_table(runs); `attack` defaults to "worst", or the paper's FGSM for runs from
+    before the suite. Unreliable worst cases (masking_table) are drawn faint with × markers.
+    """
+    table = table if table is not None else attack_table(runs)
     fig = _figure("fig1_robustness")
-    ax = fig.add_subplot()
-    frame = table.frame[table.frame["attack"] == attack] if not table.frame.empty else table.frame
+    frame = table.frame
+    if attack is None:
+        attack = WORST if not frame.empty and (frame["attack"] == WORST).any() else PAPER_ATTACK
+    frame = frame[frame["attack"] == attack] if not frame.empty else frame
     eps_metrics = [m for m in table.metrics if m.eps is not None]
     xs = np.array([m.eps for m in eps_metrics])
-    ib = frame[~frame["objective"].isin(BASELINE_OBJECTIVES)] if not frame.empty else frame
-    decoders = sorted(set(ib["decoder"])) if not ib.empty else []
-    decoder = PREFERRED_DECODER if PREFERRED_DECODER in decoders else (decoders[0] if decoders else None)
-    ib = ib[ib["decoder"] == decoder] if decoder else ib
-    colors = _beta_colors(ib["beta"]) if not ib.empty else {}
-    variants = _variants(ib, [k for k in table.keys if k not in ("attack", "rank", "decoder")], ("beta", "noise"))
-    markers = {v: MARKERS[i % len(MARKERS)] for i, v in enumerate(dict.fromkeys(variants.values()))}
+    masking = masking_table(runs).frame
+    keys = [k for k in table.keys if k not in ("attack", "rank", "decoder", "note")]
+    unreliable = set()
+    if not masking.empty:
+        for _, row in masking[masking["verdict"] == "unreliable"].iterrows():
+            unreliable.add(json.dumps([str(row[k]) for k in [*keys, "decoder"]]))
+    ib_all = frame[~frame["objective"].isin(BASELINE_OBJECTIVES)] if not frame.empty else frame
+    families = sorted(set(frame["decoder"]) - {HEAD}) if not frame.empty else []
+    families = families or [None]
+    axes = fig.subplots(1, len(families), sharey=True, squeeze=False)[0]
+    colors = _beta_colors(ib_all["beta"]) if not ib_all.empty else {}
+    handles: list[Line2D] = []
 
-    def draw(row, **style) -> None:
+    def draw(ax, row, **style) -> None:
         ys = np.array([to_float(row[m.column]) for m in eps_metrics])
         se = np.array([to_float(row[f"{m.column}_se"]) for m in eps_metrics])
         ok = ~np.isnan(ys)
+        if json.dumps([str(row[k]) for k in [*keys, "decoder"]]) in unreliable:
+            style = {**style, "alpha": 0.35, "marker": "x"}
         ax.plot(xs[ok], ys[ok], **style)
         band = ok & ~np.isnan(se)
         if band.any():
             ax.fill_between(xs[band], (ys - se)[band], (ys + se)[band], color=style["color"], alpha=0.15, linewidth=0)
 
-    for i, row in ib.iterrows():
-        color = colors.get(to_float(row["beta"]), "tab:gray")
-        marker = markers[variants[i]] if len(markers) > 1 else "o"
-        draw(row, color=color, linestyle="-" if row["noise"] is not False else "--", marker=marker, markersize=4)
-    handles = [Line2D([], [], color=c, label=f"β''={b:g}") for b, c in _legend_betas(colors).items()]
-    handles += _style_handles(not ib.empty, markers)
+    markers: dict[str, str] = {}
+    for ax, decoder in zip(axes, families, strict=True):
+        ib = ib_all[ib_all["decoder"] == decoder] if decoder is not None and not ib_all.empty else ib_all.iloc[0:0]
+        variants = _variants(ib, keys, ("beta", "noise")) if not ib.empty else {}
+        for v in dict.fromkeys(variants.values()):
+            markers.setdefault(v, MARKERS[len(markers) % len(MARKERS)])
+        for i, row in ib.iterrows():
+            color = colors.get(to_float(row["beta"]), "tab:gray")
+            marker = markers[variants[i]] if len(markers) > 1 else "o"
+            linestyle = "-" if row["noise"] is not False else "--"
+            draw(ax, row, color=color, linestyle=linestyle, marker=marker, markersize=4)
+        for objective in ("ce_dropconnect", "ce"):
+            for own, style in (
+                (decoder, BASELINE_STYLE[objective]),
+                (HEAD, {**BASELINE_STYLE[objective], "linestyle": ":"}),
+            ):
+                if frame.empty or own is None:
+                    continue
+                for _, row in frame[(frame["objective"] == objective) & (frame["decoder"] == own)].iterrows():
+                    draw(ax, row, **style, zorder=3)
+        if frame.empty or len(xs) == 0:
+            _empty(ax, f"no {ATTACK_LABELS.get(attack, attack)} results")
+        ax.set_title(f"decoder {decoder}" if decoder is not None else "")
+        ax.set_xlabel("ε (L∞ radius, pixels in [0, 1])")
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"test accuracy, {ATTACK_LABELS.get(attack, attack)}")
+    handles += [Line2D([], [], color=c, label=f"β''={b:g}") for b, c in _legend_betas(colors).items()]
+    handles += _style_handles(not ib_all.empty, markers)
     for objective in ("ce_dropconnect", "ce"):
-        rows = frame[(frame["objective"] == objective) & (frame["decoder"] == HEAD)] if not frame.empty else frame
-        for _, row in rows.iterrows():
-            draw(row, **BASELINE_STYLE[objective], zorder=3)
-        if not rows.empty:
-            handles.append(Line2D([], [], **BASELINE_STYLE[objective], label=OBJECTIVE_LABELS[objective]))
-    if frame.empty or len(xs) == 0:
-        _empty(ax, f"no {attack.upper()} results")
-    ax.set_xlabel("FGSM ε (L∞ radius, pixels in [0, 1])" if attack == "fgsm" else f"{attack.upper()} ε")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1.02)
-    ax.grid(alpha=0.3)
-    ax.set_title(f"Fig. 1: accuracy under {attack.upper()}" + (f" (IB decoder: {decoder})" if decoder else ""))
+        if not frame.empty and (frame["objective"] == objective).any():
+            label = OBJECTIVE_LABELS[objective]
+            handles.append(Line2D([], [], **BASELINE_STYLE[objective], label=f"{label}, same decoder"))
+            if ((frame["objective"] == objective) & (frame["decoder"] == HEAD)).any():
+                head_style = {**BASELINE_STYLE[objective], "linestyle": ":"}
+                handles.append(Line2D([], [], **head_style, label=f"{label}, own classifier"))
+    if unreliable:
+        handles.append(Line2D([], [], color="0.5", marker="x", alpha=0.35, label="unreliable (masked)"))
+    fig.suptitle(f"Fig. 1: {'per-image worst case over the attacks' if attack == WORST else ATTACK_LABELS[attack]}")
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
@@ -256,9 +293,12 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
 
 FIGURE_CAPTIONS = {
     "fig1_robustness": (
-        "Figure 1: test accuracy under FGSM at each ε, one line per β'' (colour; IB with the GMM decoder where it was "
-        "fitted); solid with the zero-entropy noise, dashed without; the baselines with their own classifier: "
-        "CE+DropConnect black dashed, CE red dashed; shaded bands ± s.e. over seeds."
+        "Figure 1: test accuracy at each ε under the per-image worst case over the attack suite (the paper's FGSM "
+        "for runs from before the suite), one panel per decoder family, so IB and the baselines are compared "
+        "through the same decoder: IB one line per β'' (colour; solid with the zero-entropy noise, dashed "
+        "without), CE red dashed and CE+DropConnect black dashed through that decoder, and dotted through their "
+        "own classifier (an extra line, the same in every panel); faint × lines: worst cases marked unreliable; "
+        "shaded bands ± s.e. over seeds."
     ),
     "fig2_infoplane": (
         "Figure 2: information-plane trajectories on the test set (x = I[X;Z], y = H[Y|Z]), coloured by β'', "
