@@ -251,12 +251,19 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
             "--cluster", "--cluster", "the slurm launchers need a cluster file", "--cluster slurm/cluster.yaml"
         )
     cluster = slurm.load_cluster(args.cluster)
-    submission = slurm.submit(spec, out, cluster, args.launcher, retry_failed=args.retry_failed)
+    try:
+        submission = slurm.submit(spec, out, cluster, args.launcher, retry_failed=args.retry_failed)
+    except slurm.SlurmError as exc:
+        err_console.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+        return 1
     root = sweep_dir(spec, out)
+    if submission.live_driver:
+        console.print(f"sweep {spec.name}: live SLURM job {submission.live_driver} is driving this search; not "
+                      f"starting a second driver (follow with: ibbench status {root})", soft_wrap=True)  # fmt: skip
+        return 0
     if submission.skipped_active:
-        console.print(
-            f"{len(submission.skipped_active)} runs are covered by jobs still queued or running; not resubmitted"
-        )
+        console.print(f"{len(submission.skipped_active)} runs are covered by jobs still queued or running; not "
+                      "resubmitted", soft_wrap=True)  # fmt: skip
     if not submission.jobs:
         console.print(f"sweep {spec.name}: nothing to submit — {_counts(p.state for p in plan(spec, out))}")
         return 0
@@ -269,8 +276,15 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
         return 0
     runs = set(submission.runs)
     with Live(console=console, refresh_per_second=1) as live:
+        polled = time.monotonic()
         while True:
-            finished = [j for j in submission.jobs if j.done()]
+            if time.monotonic() - polled > 10:
+                # One sacct call for all jobs every 10 s: a job that ended without its result file (killed, or
+                # failed outside Python) is seen then, not after submitit's own back-off of up to a minute.
+                submission.jobs[0].watcher.update()
+                polled = time.monotonic()
+            # An allocation is over when its head (task 0) is: the sweep's outcome is its result.
+            finished = [j for j in submission.jobs if (j.task(0) if j.num_tasks > 1 else j).done()]
             states = [p.state for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
             live.update(f"jobs {len(finished)}/{len(ids)} ended — runs: {_counts(states)}")
             if len(finished) == len(ids):
@@ -280,14 +294,15 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
         console.print()  # Live leaves its last frame without a line end when the output is a file or pipe
     bad = 0
     for job in submission.jobs:
-        error = job.exception()  # None when the job returned; sacct's state can lag behind the result file
+        # An allocation's outcome is its head's (task 0): a worker lost with its node is not the sweep failing.
+        head = job.task(0) if job.num_tasks > 1 else job
+        error = head.exception()  # None when the job returned; sacct's state can lag behind the result file
         if error is not None:
             bad += 1
-            reason = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-            err_console.print(
-                f"job {job.job_id} ended {job.state}: {reason}; logs {job.paths.stdout} {job.paths.stderr}",
-                markup=False,
-            )
+            err_console.print(f"job {job.job_id} ended {job.state}: {_job_error_line(error)}; logs "
+                              f"{head.paths.stdout} {head.paths.stderr}", markup=False)  # fmt: skip
+        elif args.launcher == "slurm":
+            _print_allocation_outcome(job.job_id, head.result())
     after = [p for p in plan(spec, out) if spec.search is not None or p.run_id in runs]
     for p in after:
         if p.state == "failed":
@@ -295,6 +310,40 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
             err_console.print(f"failed: {p.run_id}: {reason}", markup=False)
     console.print(f"{_counts(p.state for p in after)}")
     return 0 if not bad and all(p.state in ("done", "stopped") for p in after) else 1
+
+
+def _job_error_line(error: Exception) -> str:
+    """One line from submitit's job error: the exception line of the job's traceback, else its last line."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if "----" in "".join(lines):
+        trace = [line for line in lines if not line.startswith("----")]
+        exception_lines = [line for line in trace if re.match(r"^[\w.]+(Error|Exception|Failed)\b.*:", line)]
+        if exception_lines:
+            return exception_lines[-1]
+    return lines[-1] if lines else type(error).__name__
+
+
+def _print_allocation_outcome(job_id: str, result: str) -> None:
+    """What an allocation's head reports beyond the run directories: nodes joined and lost, retried trials."""
+    import json
+
+    try:
+        outcome = json.loads(result)
+    except (TypeError, ValueError):
+        return
+    if not isinstance(outcome, dict):
+        return
+    joined, nodes = outcome.get("nodes_joined"), outcome.get("nodes")
+    if joined is not None and nodes and joined < nodes:
+        err_console.print(f"job {job_id}: only {joined} of {nodes} nodes joined the Ray cluster", soft_wrap=True)
+    if outcome.get("lost_nodes"):
+        retried = outcome.get("retried") or []
+        err_console.print(f"job {job_id}: node(s) lost mid-sweep: {', '.join(outcome['lost_nodes'])}; "
+                          f"{len(retried)} trial(s) retried on the remaining nodes: {', '.join(retried) or '–'}",
+                          markup=False, soft_wrap=True)  # fmt: skip
+    if outcome.get("held"):
+        console.print(f"job {job_id}: {len(outcome['held'])} runs were left to other live jobs holding them",
+                      soft_wrap=True)  # fmt: skip
 
 
 def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool, verbose: bool = False) -> int:
@@ -362,6 +411,8 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
     console.print(_plan_table(after, f"sweep {spec.name}: outcome", metric))
     for rid, reason in outcome.reasons.items():
         err_console.print(f"failed: {rid}: {reason} ({outcome.sweep_dir / rid / 'summary.json'})", markup=False)
+    if outcome.retried:
+        err_console.print(f"retried after their process died: {', '.join(outcome.retried)}", soft_wrap=True)
     for trial, reason in outcome.trial_failures.items():
         err_console.print(f"failed before its run started: {trial}: {reason}", markup=False, soft_wrap=True)
     trial_failures = f", {len(outcome.trial_failures)} trials failed before starting" if outcome.trial_failures else ""

@@ -15,6 +15,7 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,10 @@ RAY_SCRATCH = ".ray"
 INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose driver died or was interrupted
 STUDY_SWEEP = "ibbench_sweep"  # study user attributes: what the study searches (base, space, metric, mode) ...
 STUDY_FINGERPRINT = "ibbench_fingerprint"  # ... and its sha256, compared on every rerun
+# Ray Tune restarts a trial whose process or node died (a lost node, an OOM kill) this many times; the run resumes
+# from its checkpoint. A run that failed on its own (summary.json says failed) is never trained again by a restart,
+# which then only costs starting a trial process (Tune cannot tell the two apart): 2, not more.
+TRIAL_RETRIES = 2
 
 
 # -- the spec as data --------------------------------------------------------------------------------------------
@@ -65,6 +70,11 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
     if spec.max_runs != MAX_RUNS:
         out["max_runs"] = spec.max_runs
     return out
+
+
+def write_spec(spec: SweepSpec, root: Path) -> None:
+    """<sweep_dir>/sweep.yaml: the spec as run, which `status` and reports read (its metric, its mode)."""
+    results.atomic_write_bytes(Path(root) / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
 
 
 def sweep_metric(spec: SweepSpec) -> tuple[str, str]:
@@ -222,6 +232,8 @@ class SweepOutcome:
     skipped: list[str] = field(default_factory=list)  # already done
     states: dict[str, str] = field(default_factory=dict)  # run_id -> state after the sweep
     reasons: dict[str, str] = field(default_factory=dict)  # run_id -> why it failed
+    retried: list[str] = field(default_factory=list)  # run_ids restarted after their process (or node) died
+    held: list[str] = field(default_factory=list)  # pending runs left to other live jobs (skip=)
     # Trials that failed before their run directory held a record (a bad sampled config, data missing on a
     # worker, a run locked by another job): trial id -> reason. They did not use up num_samples.
     trial_failures: dict[str, str] = field(default_factory=dict)
@@ -254,30 +266,50 @@ def check_resources(spec: SweepSpec, cpus: float, gpus: float, where: str) -> No
                           f"{cpus:g}", f"at most {cpus:g}")  # fmt: skip
 
 
+def _trial_config(config: dict[str, Any]) -> RunConfig:
+    """The RunConfig of a trial's config: a grid's run, or the base with the searched values."""
+    values = dict(config["run"]) if "run" in config else dict(config["base"])
+    values.update({k: v for k, v in config.items() if k not in ("run", "base", "_ibbench")})
+    return RunConfig.from_dict(values, config["_ibbench"]["source"])
+
+
 def _trainable(config: dict[str, Any]) -> None:
     """One Ray Tune trial: build the RunConfig, then train.run into <sweep_dir>/<run_id>."""
+    import ray
     import torch
     from ray import tune
 
     from ibbench import train
 
-    values = dict(config["run"]) if "run" in config else dict(config["base"])
-    values.update({k: v for k, v in config.items() if k not in ("run", "base", "_ibbench")})
     settings = config["_ibbench"]
     torch.set_num_threads(settings["threads"])  # one trial per reserved core: no OpenMP oversubscription
-    cfg = RunConfig.from_dict(values, settings["source"])
+    cfg = _trial_config(config)
     run_dir = Path(settings["sweep_dir"]) / results.run_id(cfg)
-    if settings["retry_failed"] and results.run_state(run_dir) == "failed":
+    if results.run_state(run_dir) == "failed":
+        summary = results.read_summary(run_dir) or {}
+        if not (settings["retry_failed"] and _failed_before(summary, settings["since"])):
+            # It failed on its own, in this sweep (Tune restarts trials whose node died, not these) or before
+            # it without --retry-failed: report the reason again rather than train it again.
+            raise train.TrainingFailed(summary.get("reason", "failed"))
         results.clear_failure(run_dir)
 
     def report(metrics: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
-    summary = train.run(cfg, run_dir, report=report)
+    # The GPUs Ray gave this trial (it sets CUDA_VISIBLE_DEVICES to them); recorded in summary.json.
+    summary = train.run(cfg, run_dir, report=report, gpu_ids=[str(g) for g in ray.get_gpu_ids()])
     # The trial's last result is what searchers and schedulers read when it completes (Ray's closing result
     # does not always carry the metrics), and a run that was DONE already reported nothing: report the final
     # metrics once more.
     report({**(summary.get("final") or {}), "run_id": results.run_id(cfg)})
+
+
+def _failed_before(summary: dict[str, Any], since: float) -> bool:
+    """Whether a failed run's attempt started before `since` (a time.time()), i.e. before this sweep began."""
+    try:
+        return datetime.fromisoformat(summary["started"]).timestamp() < since
+    except (KeyError, TypeError, ValueError):
+        return True  # no start time recorded: not from this sweep's trials, which all record one
 
 
 def _space(spec: SweepSpec) -> dict[str, Any]:
@@ -358,20 +390,41 @@ def _events_callback(on_event: Event):
     return Forward(on_event)
 
 
+def _retries_callback(retried: list[str]):
+    """A Ray Tune callback appending to `retried` the run id of each trial restarted after a failure."""
+    from ray.tune import Callback
+
+    class Retries(Callback):
+        def __init__(self, into: list[str]):
+            self.into = into
+
+        def __getstate__(self):
+            return {"into": []}  # pickled for restores; the list stays in this process
+
+        def on_trial_recover(self, iteration, trials, trial, **info):
+            self.into.append(results.run_id(_trial_config(trial.config)))
+
+    return Retries(retried)
+
+
 def run_sweep(
     spec: SweepSpec,
     out: Path,
     *,
     retry_failed: bool = False,
     on_event: Event | None = None,
+    skip: frozenset[str] = frozenset(),
 ) -> SweepOutcome:
-    """Train every pending run of spec through Ray Tune (Ray must be initialised: see ibbench.launch)."""
+    """Train every pending run of spec through Ray Tune (Ray must be initialised: see ibbench.launch).
+
+    skip: run ids another live job holds (a grid's runs only): left alone, listed in the outcome's `held`.
+    """
     import ray
     from ray import tune
 
     root = sweep_dir(spec, out).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    results.atomic_write_bytes(root / SPEC_FILE, yaml.safe_dump(spec_to_dict(spec), sort_keys=False).encode())
+    write_spec(spec, root)
     outcome = SweepOutcome(root)
     cluster = ray.cluster_resources()
     check_resources(spec, cluster.get("CPU", 0), cluster.get("GPU", 0), "the Ray cluster")
@@ -380,13 +433,15 @@ def run_sweep(
         "source": spec.source,
         "retry_failed": retry_failed,
         "threads": max(1, int(spec.resources.cpu)),
+        "since": time.time(),
     }
     trainable = tune.with_resources(_trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
-    callbacks = [_events_callback(on_event)] if on_event is not None else []
+    callbacks = [_retries_callback(outcome.retried)]
+    callbacks += [_events_callback(on_event)] if on_event is not None else []
     run_config = tune.RunConfig(
         name=time.strftime("tune-%Y%m%d-%H%M%S"),
         storage_path=str(root / RAY_SCRATCH),
-        failure_config=tune.FailureConfig(max_failures=0, fail_fast=False),
+        failure_config=tune.FailureConfig(max_failures=TRIAL_RETRIES, fail_fast=False),
         verbose=0,
         callbacks=callbacks,
     )
@@ -395,6 +450,8 @@ def run_sweep(
         pending = [
             p for p in plan(spec, out) if p.state in ("new", "incomplete") or (retry_failed and p.state == "failed")
         ]
+        outcome.held = [p.run_id for p in pending if p.run_id in skip]
+        pending = [p for p in pending if p.run_id not in skip]
         outcome.skipped = [rid for rid, state in before.items() if state == "done"]
         outcome.trained = [p.run_id for p in pending]
         if pending:
@@ -464,6 +521,8 @@ def run_sweep(
         outcome.states[rid] = state
         if state == "failed":
             outcome.reasons[rid] = (results.read_summary(root / rid) or {}).get("reason", "unknown")
+    # Tune restarts failed trials too; a run that failed on its own was not retrained, so it is not listed.
+    outcome.retried = sorted({rid for rid in outcome.retried if outcome.states.get(rid) != "failed"})
     return outcome
 
 

@@ -7,6 +7,7 @@ import logging
 import math
 import platform
 import random
+import socket
 import subprocess
 import time
 import warnings
@@ -475,11 +476,13 @@ def run(
     run_dir: str | Path,
     report: Reporter | None = None,
     progress: Reporter | None = None,
+    gpu_ids: list[str] | None = None,
 ) -> dict[str, Any]:
     """Train cfg into run_dir and return summary.json's content; resumes from checkpoint.pt, skips when DONE.
 
     report(metrics) is called after each eval epoch (Ray Tune passes tune.report); progress(terms) after every
-    epoch (the CLI's progress bar). A non-finite loss or any error marks the run failed and re-raises.
+    epoch (the CLI's progress bar). gpu_ids: the GPUs the launcher assigned (recorded in the summary). A
+    non-finite loss or any error marks the run failed and re-raises.
     """
     run_dir = Path(run_dir)
     if results.run_state(run_dir) == "done":
@@ -487,7 +490,7 @@ def run(
         log.info("run %s is done already; not training", run_dir.name)
         return summary
     rid = results.run_id(cfg)
-    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    started_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
     device = pick_device(cfg.device)
     if device.type == "cuda":
         # Fixed input shapes all run long: let cuDNN pick its fastest convolutions once (bitwise GPU
@@ -509,7 +512,9 @@ def run(
             if _disk_full(exc) is None:
                 raise
             raise TrainingFailed(_failure_reason(exc, run_dir)) from exc
-        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, lock, precision)
+        placement = {"hostname": socket.gethostname(), "gpu_ids": list(gpu_ids or [])}  # where it ran
+        return _train(cfg, run_dir, data, device, loader, rid, started_at, report, progress, lock, precision,
+                      placement)  # fmt: skip
 
 
 def _train(
@@ -524,6 +529,7 @@ def _train(
     progress: Reporter | None,
     lock: results.RunLock,
     precision: dict[str, Any],
+    placement: dict[str, Any],
 ) -> dict[str, Any]:
     """The body of run(), under the run directory's lock."""
     model = _build(cfg, data, device)
@@ -612,6 +618,7 @@ def _train(
                     "wall_time": wall_before + time.perf_counter() - t0,
                     "started": started_at,
                     "device": str(device),
+                    **placement,
                     "versions": _versions(),
                     "git_commit": _git_commit(),
                 },
@@ -633,9 +640,10 @@ def _train(
         **curves,
         "wall_time": wall_before + time.perf_counter() - t0,
         "started": started_at,
-        "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "finished": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "device": str(device),
         "precision": precision,
+        **placement,
         "versions": _versions(),
         "git_commit": _git_commit(),
     }

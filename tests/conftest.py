@@ -97,15 +97,14 @@ def cifar10_dir(tmp_path: Path) -> Path:
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _slurm_status() -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(REPO / "slurm/local/status.sh")], capture_output=True, text=True)
+def _slurm_status(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(REPO / "slurm/local/status.sh"), *args], capture_output=True, text=True)
 
 
-@pytest.fixture(scope="session")
-def slurm_cluster() -> None:
-    """The local one-node SLURM from slurm/local/: started here, as .ci/run does, when it is not up and this
-    machine allows it (root, Debian packages installable); otherwise the SLURM tests skip with one line why."""
-    if shutil.which("sbatch") is not None and _slurm_status().returncode == 0:
+def _ensure_slurm(*args: str) -> None:
+    """The local SLURM from slurm/local/ up (with `args`, e.g. --nodes 2): started here, as .ci/run does, when it
+    is not up and this machine allows it (root, Debian packages installable); otherwise skip with one line why."""
+    if shutil.which("sbatch") is not None and _slurm_status(*args).returncode == 0:
         return
     reason = None
     if os.geteuid() != 0:
@@ -113,7 +112,7 @@ def slurm_cluster() -> None:
     elif shutil.which("apt-get") is None and shutil.which("slurmctld") is None:
         reason = "no apt-get to install SLURM's Debian packages"
     else:
-        started = subprocess.run(["bash", str(REPO / "slurm/local/start.sh")], capture_output=True, text=True,
+        started = subprocess.run(["bash", str(REPO / "slurm/local/start.sh"), *args], capture_output=True, text=True,
                                  stdin=subprocess.DEVNULL, timeout=900)  # fmt: skip
         if started.returncode == 0:
             return
@@ -122,6 +121,18 @@ def slurm_cluster() -> None:
     if os.environ.get("CI"):
         pytest.fail(f"CI needs the local SLURM: {reason}")
     pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """The local one-node SLURM (partition `debug`)."""
+    _ensure_slurm()
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_cluster) -> None:
+    """The local SLURM with its two-node partition `two` (nodeA, nodeB) as well."""
+    _ensure_slurm("--nodes", "2")
 
 
 @pytest.fixture(scope="session")

@@ -92,10 +92,15 @@ def local_ray(logs_to: Path, num_cpus: int | None = None, num_gpus: int | None =
 
         if ray.is_initialized():
             ray.shutdown()
-        for logs in Path(temp_dir).glob("session_2*/logs"):
-            with contextlib.suppress(OSError, shutil.Error):
-                shutil.copytree(logs, Path(logs_to) / f"logs-{time.strftime('%Y%m%d-%H%M%S')}", dirs_exist_ok=True)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        keep_ray_logs(temp_dir, logs_to)
+
+
+def keep_ray_logs(temp_dir: str | Path, logs_to: Path, prefix: str = "logs-") -> None:
+    """Copy the session logs of a stopped Ray runtime to `logs_to` (as <prefix><time>/), then remove its temp dir."""
+    for logs in Path(temp_dir).glob("session_2*/logs"):
+        with contextlib.suppress(OSError, shutil.Error):
+            shutil.copytree(logs, Path(logs_to) / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}", dirs_exist_ok=True)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def preflight(spec: SweepSpec) -> None:

@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# start.sh - a real one-node SLURM on this machine (Debian 12, root, no systemd),
-# on loopback only, for tests and CI that submit real jobs (sbatch, srun, submitit).
+# start.sh [--nodes 1|2] - a real SLURM on this machine (Debian 12, root, no
+# systemd), on loopback only, for tests and CI that submit real jobs (sbatch,
+# srun, submitit): one node in partition `debug`; with --nodes 2 also nodeA and
+# nodeB (127.0.0.2, 127.0.0.3) in partition `two` of the same cluster. Without
+# --nodes it keeps what the last start set up.
 #
 # Installs the Debian packages if missing (apt-get update only when needed),
 # writes /etc/slurm/slurm.conf and slurmdbd.conf, starts the daemons that are not
-# running (munged, a private mariadbd, slurmdbd, slurmctld, slurmd), waits until
-# the node is idle and sacct answers, prints one status line. Idempotent: when
+# running (munged, a private mariadbd, slurmdbd, slurmctld, slurmd, and the two
+# nodes' slurmds), waits until the nodes are idle and sacct answers, prints one
+# status line. Idempotent: when
 # everything is up it checks and returns in about a second. Non-interactive
 # (CI=true, no stdin). Environment: see lib.sh (SLURM_LOCAL_PARTITION, ...).
 # shellcheck source-path=SCRIPTDIR source=lib.sh
@@ -62,7 +66,7 @@ write_if_changed() { # dest mode owner:group <content ; returns 0 when it change
 }
 
 write_configs() {
-	local c cpus boards sockets cores threads mem acct_lines changed=1
+	local c cpus boards sockets cores threads mem acct_lines changed=1 two_lines="" gres_lines="" n
 	c=$(slurmd -C 2>/dev/null | head -n 1)
 	[[ -n $c ]] || die "slurmd -C failed"
 	f() { sed -n "s/.*\b$1=\([0-9]*\).*/\1/p" <<<"$c"; }
@@ -74,6 +78,17 @@ AccountingStorageHost=127.0.0.1
 AccountingStoragePort=6819"
 	else
 		acct_lines="AccountingStorageType=accounting_storage/none"
+	fi
+	if [[ $NODES == 2 ]]; then
+		# Each node its own address and slurmd port (one machine: the ports must differ); fake GPUs.
+		for n in "${NODES2[@]}"; do
+			two_lines+="NodeName=$n NodeHostname=$n NodeAddr=${NODE_ADDR[$n]} Port=${NODE_PORT[$n]} CPUs=$NODE2_CPUS RealMemory=$NODE2_MEM Gres=gpu:$NODE2_GPUS State=UNKNOWN"$'\n'
+		done
+		two_lines+="PartitionName=$PART2 Nodes=$(
+			IFS=,
+			echo "${NODES2[*]}"
+		) Default=NO MaxTime=INFINITE State=UP LLN=YES DefMemPerCPU=$((NODE2_MEM / NODE2_CPUS))"
+		gres_lines="GresTypes=gpu"
 	fi
 	# CR_CPU_Memory (not CR_Core_*): a 1-CPU job takes one CPU, not a whole core,
 	# so hyperthreaded machines still run one job per CPU.
@@ -89,11 +104,13 @@ AuthType=auth/munge
 AuthInfo=cred_expire=20
 CredType=cred/munge
 StateSaveLocation=$BASE/ctld
-SlurmdSpoolDir=$BASE/d
+SlurmdSpoolDir=$BASE/d-%n
 SlurmctldPidFile=$RUN/slurm/slurmctld.pid
-SlurmdPidFile=$RUN/slurm/slurmd.pid
+SlurmdPidFile=$RUN/slurm/slurmd-%n.pid
 SlurmctldLogFile=$LOG/slurmctld.log
-SlurmdLogFile=$LOG/slurmd.log
+SlurmdLogFile=$LOG/slurmd-%n.log
+SlurmdParameters=config_overrides
+$gres_lines
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -115,8 +132,25 @@ OverTimeLimit=0
 Waittime=0
 NodeName=$HOST NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
 PartitionName=$PART Nodes=$HOST Default=YES MaxTime=INFINITE State=UP DefMemPerCPU=$((mem / cpus))
+$two_lines
 EOF
 	SLURM_CONF_CHANGED=$changed
+	if [[ $NODES == 2 ]]; then
+		for n in "${NODES2[@]}"; do
+			gres_lines+=$'\n'"NodeName=$n Name=gpu File=$BASE/fakegpu[0-$((NODE2_GPUS - 1))]"
+		done
+		# gres/gpu without File is reported as 0 GPUs (the node goes INVAL): character devices that are
+		# /dev/null stand in for the cards (no cgroups, so nothing is constrained by them)
+		for ((n = 0; n < NODE2_GPUS; n++)); do
+			[[ -c $BASE/fakegpu$n ]] || mknod -m 666 "$BASE/fakegpu$n" c 1 3
+		done
+		write_if_changed "$ETC/gres.conf" 644 root:root <<<"# Written by ibbench slurm/local/start.sh: fake GPUs for nodeA and nodeB${gres_lines#GresTypes=gpu}" && SLURM_CONF_CHANGED=1
+		# The nodes' private hosts file: this machine's, plus nodeA and nodeB, so their names never reach DNS.
+		{
+			grep -v -w -e nodeA -e nodeB /etc/hosts
+			for n in "${NODES2[@]}"; do echo "${NODE_ADDR[$n]} $n"; done
+		} | write_if_changed "$BASE/hosts" 644 root:root || true
+	fi
 	[[ $ACCT == 1 ]] || return 0
 	write_if_changed "$ETC/slurmdbd.conf" 600 slurm:slurm <<EOF || true
 # Written by ibbench slurm/local/start.sh
@@ -153,6 +187,10 @@ EOF
 
 make_dirs() {
 	mkdir -p "$ETC" "$BASE/ctld" "$BASE/d" "$RUN/slurm" "$LOG" /run/munge
+	# SlurmdSpoolDir is per node (d-%n); the one-node slurmd keeps its old folder, so that steps running
+	# through a restart are still found there.
+	[[ -e $BASE/d-$HOST ]] || ln -s d "$BASE/d-$HOST"
+	for n in "${NODES2[@]}"; do mkdir -p "$BASE/d-$n"; done
 	chown slurm:slurm "$BASE/ctld" "$RUN/slurm" "$LOG"
 	chown munge:munge /run/munge
 	if [[ $ACCT == 1 ]]; then
@@ -211,23 +249,57 @@ start_db() {
 	wait_for 60 mariadb-admin --socket="$sock" ping || die "mariadb not answering (see $LOG/mariadb.log)"
 }
 
-start_slurm_daemon() { # name ; slurmctld/slurmd/slurmdbd fork and write their PidFile
-	local name=$1 pf=$RUN/slurm/$1.pid
+start_slurm_daemon() { # name [pidfile [cmd...]]; slurmctld/slurmd/slurmdbd fork and write their PidFile
+	local name=$1 pf=${2:-$RUN/slurm/$1.pid} p
+	shift $(($# > 1 ? 2 : 1))
+	(($#)) || set -- "/usr/sbin/$name"
 	if ours "$name" >/dev/null; then return 0; fi
-	foreign "$name" && die "a $name not started by start.sh is running (pid $(pgrep -x "$name" | head -n 1)); stop it first"
+	if p=$(foreign "${name%%-*}"); then die "a ${name%%-*} not started by start.sh is running (pid $p); stop it first"; fi
 	rm -f "$pf"
-	spawn "$name" "${CLEANENV[@]}" "/usr/sbin/$name" || die "$name failed to start (see $LOG/$name.log, $LOG/$name.out)"
-	record "$name" "$(pidfile_pid "$pf")" || die "$name did not stay up (see $LOG/$name.log)"
+	spawn "$name" "${CLEANENV[@]}" "$@" || die "$name failed to start (see $LOG/$name*.log, $LOG/$name.out)"
+	record "$name" "$(pidfile_pid "$pf")" || die "$name did not stay up (see $LOG/$name*.log)"
+}
+
+# nodeA/nodeB: a slurmd -N <node> in its own UTS and mount namespaces, so that jobs there see the node's
+# hostname, and a private hosts file (bind-mounted over /etc/hosts) that resolves nodeA and nodeB.
+start_node_slurmd() { # node
+	local n=$1
+	start_slurm_daemon "slurmd-$n" "$RUN/slurm/slurmd-$n.pid" unshare --uts --mount --propagation private \
+		sh -c 'hostname "$1" && mount --bind "$2" /etc/hosts && exec /usr/sbin/slurmd -N "$1"' sh "$n" "$BASE/hosts"
+}
+
+# Until every node is up (and, with accounting, sacct answers); a node left down is resumed now and then.
+wait_nodes() {
+	local n=0 st node all
+	while ((n++ < 300)); do
+		all=1
+		for node in "$HOST" $([[ $NODES == 2 ]] && echo "${NODES2[@]}"); do
+			st=$(node_state "$node" || true)
+			node_up "$st" && continue
+			all=0
+			if [[ $st =~ (down|drain|fail) ]] && ((n % 25 == 0)); then
+				scontrol update NodeName="$node" State=RESUME >/dev/null 2>&1 || true
+			fi
+		done
+		# with accounting, slurmctld registers the cluster with slurmdbd: wait for sacct too
+		if ((all)) && { [[ $ACCT != 1 ]] || sacct -n -X -S now-1minutes >/dev/null 2>&1; }; then return 0; fi
+		sleep 0.2
+	done
+	return 1
 }
 
 need_root
 mkdir -p "$RUN" "$LOG"
 take_lock
+NODES=${NODES:-$(configured_nodes)}
+if [[ $NODES == 1 && $(configured_nodes) == 2 ]] && [[ -n $(squeue -h -p "$PART2" -o %A 2>/dev/null) ]]; then
+	die "jobs are queued or running in partition $PART2; cancel them before going back to --nodes 1"
+fi
 install_pkgs
 make_dirs
 write_configs
 if [[ $SLURM_CONF_CHANGED == 1 ]]; then # the daemons must all read the same slurm.conf
-	for n in slurmd slurmctld; do
+	for n in "${NODES2[@]/#/slurmd-}" slurmd slurmctld; do
 		if p=$(ours "$n"); then
 			log "slurm.conf changed: restarting $n"
 			stop_pid "$n" "$p"
@@ -241,17 +313,13 @@ if [[ $ACCT == 1 ]]; then
 	wait_for 60 sacctmgr -n list cluster || die "slurmdbd not answering (see $LOG/slurmdbd.log)"
 fi
 start_slurm_daemon slurmctld
-start_slurm_daemon slurmd
-n=0 st=""
-while ((n++ < 300)); do
-	st=$(node_state || true)
-	if node_up "$st"; then
-		# with accounting, slurmctld registers the cluster with slurmdbd: wait for sacct too
-		[[ $ACCT != 1 ]] || sacct -n -X -S now-1minutes >/dev/null 2>&1 && break
-	fi
-	if [[ $st =~ (down|drain|fail) ]] && ((n % 25 == 0)); then
-		scontrol update NodeName="$HOST" State=RESUME >/dev/null 2>&1 || true
-	fi
-	sleep 0.2
-done
-status_line || die "cluster not ready after 60s (node state=${st:-none}); logs in $LOG/"
+start_slurm_daemon slurmd "$RUN/slurm/slurmd-$HOST.pid"
+if [[ $NODES == 2 ]]; then
+	for n in "${NODES2[@]}"; do start_node_slurmd "$n"; done
+fi
+echo "$NODES" >"$NODES_FILE"
+wait_nodes || {
+	status_line || true
+	die "cluster not ready after 60s; logs in $LOG/"
+}
+status_line || die "cluster not ready; logs in $LOG/"

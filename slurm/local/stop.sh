@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # stop.sh - cancel all jobs, then stop only the daemons that start.sh started
-# (pids recorded in /run/ibbench-slurm/*.started). State, configs and the
-# accounting database are kept, so a later start.sh is quick.
+# (pids recorded in /run/ibbench-slurm/*.started), the two-node partition's
+# slurmds included. State, configs and the accounting database are kept, so a
+# later start.sh is quick (and sets up as many nodes as before).
 # shellcheck source-path=SCRIPTDIR source=lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 need_root
@@ -20,7 +21,7 @@ if ours slurmctld >/dev/null && ours slurmd >/dev/null; then
 	fi
 fi
 # in three waves, so slurmctld can still flush to slurmdbd, and slurmdbd to mariadb
-for wave in "slurmd slurmctld" "slurmdbd" "mariadbd munged"; do
+for wave in "slurmd ${NODES2[*]/#/slurmd-} slurmctld" "slurmdbd" "mariadbd munged"; do
 	for n in $wave; do
 		if p=$(ours "$n"); then
 			stop_pid "$n" "$p" &
