@@ -18,6 +18,11 @@ def test_the_session_runtime_is_loopback_only_and_refuses_clients_without_its_to
     assert {node["NodeManagerAddress"] for node in ray.nodes()} == {"127.0.0.1"}
     assert os.environ["RAY_AUTH_MODE"] == "token" and len(os.environ["RAY_AUTH_TOKEN"]) >= 32
     assert any(ray_runtime.glob("session_*")), "Ray's session files are not in the private temp folder"
+    from ibbench.launch.local import ray_temp_dir
+
+    folder = ray_temp_dir()  # what `ibbench sweep` gives Ray: a folder of its own inside a private one
+    assert folder.parent.stat().st_mode & 0o777 == 0o700 and folder.parent.name.startswith("ibbench-ray-")
+    folder.parent.rmdir()
     gcs = ray.get_runtime_context().gcs_address
     intruder = textwrap.dedent(
         f"""

@@ -82,8 +82,7 @@ def local_ray(logs_to: Path, num_cpus: int | None = None, num_gpus: int | None =
     if "ray" in sys.modules and sys.modules["ray"].is_initialized():
         yield
         return
-    # Short on purpose: Ray's Unix sockets live below it, and their paths may not exceed 107 bytes.
-    temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
+    temp_dir = ray_temp_dir()
     try:
         init_ray(num_cpus=num_cpus, num_gpus=num_gpus, temp_dir=temp_dir)
         yield
@@ -95,12 +94,24 @@ def local_ray(logs_to: Path, num_cpus: int | None = None, num_gpus: int | None =
         keep_ray_logs(temp_dir, logs_to)
 
 
+def ray_temp_dir() -> Path:
+    """A temp folder for one Ray runtime, inside a fresh private folder (mkdtemp: mode 0700, unpredictable name).
+
+    Ray opens up the permissions of the temp folder it is given (0777); the private parent keeps other users out of
+    it all the same. Short on purpose: Ray's Unix sockets live below it, and their paths may not exceed 107 bytes.
+    """
+    return Path(tempfile.mkdtemp(prefix="ibbench-ray-")) / "r"
+
+
 def keep_ray_logs(temp_dir: str | Path, logs_to: Path, prefix: str = "logs-") -> None:
-    """Copy the session logs of a stopped Ray runtime to `logs_to` (as <prefix><time>/), then remove its temp dir."""
-    for logs in Path(temp_dir).glob("session_2*/logs"):
+    """Copy the session logs of a stopped Ray runtime to `logs_to` (as <prefix><time>/), then remove its temp dir
+    (and the private folder ray_temp_dir made around it)."""
+    temp_dir = Path(temp_dir)
+    for logs in temp_dir.glob("session_2*/logs"):
         with contextlib.suppress(OSError, shutil.Error):
             shutil.copytree(logs, Path(logs_to) / f"{prefix}{time.strftime('%Y%m%d-%H%M%S')}", dirs_exist_ok=True)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+    private = temp_dir.parent if temp_dir.name == "r" and temp_dir.parent.name.startswith("ibbench-ray-") else temp_dir
+    shutil.rmtree(private, ignore_errors=True)
 
 
 def preflight(spec: SweepSpec) -> None:

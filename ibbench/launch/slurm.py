@@ -19,7 +19,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +26,7 @@ from typing import Any
 
 from ibbench import results
 from ibbench.config import ClusterConfig, ConfigError, RunConfig, SweepSpec, load_cluster
-from ibbench.launch.local import keep_ray_logs
+from ibbench.launch.local import keep_ray_logs, ray_temp_dir
 from ibbench.sweep import RAY_SCRATCH, PlannedRun, plan, run_sweep, sweep_dir, write_spec
 
 __all__ = ["AllocationJob", "ClusterConfig", "RunJob", "SlurmError", "Submission", "load_cluster", "submit"]
@@ -259,7 +258,7 @@ class AllocationJob:
         root = sweep_dir(self.spec, Path(self.out))
         # A fresh private folder (never a predictable name in the shared /tmp); short, since Ray's socket paths
         # must fit in 107 bytes.
-        temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
+        temp_dir = ray_temp_dir()
         head, address, error, workers = None, None, None, {}
         try:
             host = "127.0.0.1" if single else node_address(me, peers)
@@ -337,7 +336,7 @@ def run_worker(info: str, nodes: str, cpus: str, gpus: str) -> None:
         log.warning("the head had finished already (%s)", head.get("error") or "done")
         return
     ip = node_address(me, [n for n in nodes.split(",") if n != me])
-    temp_dir = tempfile.mkdtemp(prefix="ibbench-ray-")
+    temp_dir = ray_temp_dir()
     worker = _ray_start([f"--address={head['address']}", f"--node-ip-address={ip}", *_ray_ports()[0]],
                         _ray_env(False, head["token"]), temp_dir, int(cpus), int(gpus))  # fmt: skip
     try:
