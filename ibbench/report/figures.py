@@ -49,7 +49,7 @@ FIGURE_SIZES = {
 
 # One colour map per objective with a β (the first, ib in the paper's figures, keeps viridis), one colour per β
 # within it; objectives without a β are reference lines.
-OBJECTIVE_CMAPS = ("viridis", "Oranges", "Purples", "Greens", "Blues")
+OBJECTIVE_CMAPS = ("viridis", "Oranges", "Blues", "PuRd", "Greens")
 MARKERS = ("o", "^", "s", "D", "v", "P", "X")
 REFERENCE_STYLES = {
     "ce_dropconnect": {"color": "black", "linestyle": "--", "linewidth": 2.0},
@@ -146,7 +146,8 @@ def _empty(ax, text: str = "no runs") -> None:
 
 def _variants(frame: pd.DataFrame, keys: Sequence[str], ignore: Sequence[str]) -> dict[int, str]:
     """Row index -> label of the key values other than `ignore`, when they differ between rows (else '')."""
-    rest = [k for k in keys if k not in ignore and len({fmt_key(k, v) for v in frame[k]}) > 1]
+    # A key varies when it takes several values; "–" (a field the row's objective does not read) is no value.
+    rest = [k for k in keys if k not in ignore and len({fmt_key(k, v) for v in frame[k] if not is_missing(v)}) > 1]
     return {i: ", ".join(f"{KEY_LABELS.get(k, k)}={fmt_key(k, frame.at[i, k])}" for k in rest) for i in frame.index}
 
 
@@ -232,7 +233,8 @@ def figure_robustness(runs: pd.DataFrame, table: Table | None = None, attack: st
             handles.append(Line2D([], [], **head_style, label=f"{label}, own classifier"))
     if unreliable:
         handles.append(Line2D([], [], color="0.5", marker="x", alpha=0.35, label="unreliable (masked)"))
-    fig.suptitle(f"Fig. 1: {'per-image worst case over the attacks' if attack == WORST else ATTACK_LABELS[attack]}")
+    fig.suptitle(f"Fig. 1: {'per-image worst case over the attacks' if attack == WORST else ATTACK_LABELS[attack]}",
+                 x=0.01, ha="left")  # fmt: skip
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
@@ -324,7 +326,7 @@ def figure_infoplane(runs: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
     if bounds_drawn:
         handles.append(Line2D([], [], color="0.4", linestyle="--", label="x = the objective's own bound"))
     fig.legend(handles=handles, loc="outside right upper", fontsize="small")
-    fig.suptitle("Fig. 2: information-plane trajectories on the test set, one per run (best: lowest validation H[Y|Z])")
+    fig.suptitle("Fig. 2: information-plane trajectories on the test set, one per run", x=0.01, ha="left")
     return fig
 
 
@@ -341,6 +343,7 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
     decoder_colors = {d: f"C{i}" for i, d in enumerate(families)}
     markers: dict[str, str] = {}
     dashed_any = False
+    tops: list[float] = []  # every plotted value, for one y range all panels share
     references = _references(frame)
     for ax, objective in zip(axes, objectives or [None], strict=True):
         rows_all = frame[frame["objective"] == objective] if objective is not None else frame.iloc[0:0]
@@ -358,6 +361,8 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
                 if decoder not in decoder_colors:
                     continue  # the objective's own head: shown through the other decoders' lines and the table
                 rows = rows_all.loc[index].assign(_beta=lambda f: f["beta"].map(to_float)).sort_values("_beta")
+                errors = 1 - rows["test_acc"].astype(float)
+                tops.append(float((errors + rows["test_acc_se"].astype(float).fillna(0)).max()))
                 ax.errorbar(
                     rows["_beta"],
                     1 - rows["test_acc"].astype(float),
@@ -373,6 +378,7 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
             style = _reference_style(reference) | {"linestyle": "--" if reference == "ce" else ":"}
             for _, row in rows.iterrows():
                 error, se = 1 - to_float(row["test_acc"]), to_float(row["test_acc_se"])
+                tops.append(error + (0.0 if math.isnan(se) else se))
                 ax.axhline(error, **style)
                 if not math.isnan(se):
                     ax.axhspan(error - se, error + se, color=style["color"], alpha=0.1, linewidth=0)
@@ -383,8 +389,10 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
         symbol = beta_symbol(objective) if objective is not None else "β"
         ax.set_xlabel(symbol)
         ax.set_title(objective_label(objective) if objective is not None else "", fontsize="medium")
-        ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
+    finite = [t for t in tops if math.isfinite(t)]
+    if finite:
+        axes[0].set_ylim(0, 1.1 * max(finite))  # shared: set once, after every panel is drawn
     axes[0].set_ylabel("generalization error (1 − test accuracy)")
     handles += [Line2D([], [], color=c, marker="o", label=f"decoder {d}") for d, c in decoder_colors.items()]
     handles += _style_handles(dashed_any, markers)
@@ -392,7 +400,7 @@ def figure_generalization(runs: pd.DataFrame, table: Table | None = None) -> Fig
         if ((frame["objective"] == reference) & (frame["decoder"] == HEAD)).any():
             style = _reference_style(reference) | {"linestyle": "--" if reference == "ce" else ":"}
             handles.append(Line2D([], [], **style, label=f"{objective_label(reference)} (own classifier)"))
-    fig.suptitle("Fig. 3: generalization error vs each objective's β")
+    fig.suptitle("Fig. 3: generalization error vs each objective's β", x=0.01, ha="left")
     if handles:
         fig.legend(handles=handles, loc="outside right upper", fontsize="small")
     return fig
