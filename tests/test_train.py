@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def killed_run(script_text: str, cfg: RunConfig, run_dir):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     # On the CPU: bitwise equality is promised there only (cuDNN autotuning and atomic adds vary on GPUs).
-    cfg = small(epochs=4, device="cpu")
+    cfg = small(epochs=4, device="cpu", checkpoint_every_s=0)  # every epoch checkpointed
     killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
@@ -143,6 +144,69 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     rob_a = json.loads((tmp_path / "resumed" / "summary.json").read_text())["robustness"]
     rob_b = json.loads((tmp_path / "straight" / "summary.json").read_text())["robustness"]
     assert rob_a == rob_b
+
+
+def test_a_run_killed_before_its_first_periodic_checkpoint_restarts_and_writes_the_same_rows(tmp_path):
+    cfg = small(epochs=4, device="cpu", checkpoint_every_s=3600)
+    killed_run(KILLED_RUN, cfg, tmp_path / "resumed")  # SIGKILL in epoch 3: rows 1-2 written, nothing checkpointed
+    assert [r["epoch"] for r in results.read_metrics(tmp_path / "resumed")] == [1, 2]
+    assert not list((tmp_path / "resumed").glob("checkpoint*.pt"))
+
+    train.run(cfg, tmp_path / "resumed")
+    train.run(cfg.replace(checkpoint_every_s=0), tmp_path / "straight")  # the interval is not part of the run
+    resumed, straight = (results.read_metrics(tmp_path / name) for name in ("resumed", "straight"))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+
+
+@pytest.mark.parametrize("every, expected", [(3600, [False, False, False]), (0, [False, True, True])])
+def test_checkpoints_follow_the_interval_and_the_last_epoch_always_checkpoints(tmp_path, every, expected):
+    run_dir = tmp_path / "r"
+    seen = []  # at each epoch's end, before its own checkpoint: is there one from an earlier epoch?
+    summary = train.run(small(epochs=3, checkpoint_every_s=every), run_dir,
+                        progress=lambda terms: seen.append((run_dir / results.CHECKPOINT).exists()))  # fmt: skip
+    assert seen == expected
+    assert torch.load(run_dir / results.CHECKPOINT, weights_only=True)["epoch"] == 3
+    phases = summary["phase_time"]
+    assert set(phases) == set(train.PHASES) and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= summary["wall_time"]
+    assert phases["attack"] >= summary["attack_time"] > 0
+
+
+def test_a_stop_signal_checkpoints_its_epoch_then_reaches_the_previous_handler(tmp_path):
+    """SIGUSR2 as SLURM sends it before the time limit, to a handler like submitit's (which would requeue)."""
+    run_dir = tmp_path / "r"
+    seen = []
+
+    def previous(signum, frame):  # what it finds when the signal reaches it
+        state = torch.load(run_dir / results.CHECKPOINT, weights_only=True)
+        seen.append((signal.Signals(signum).name, state["epoch"], len(results.read_metrics(run_dir))))
+
+    def progress(terms):
+        if terms["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    original = signal.signal(signal.SIGUSR2, previous)
+    try:
+        summary = train.run(small(epochs=4, checkpoint_every_s=3600), run_dir, progress=progress)
+        assert seen == [("SIGUSR2", 2, 2)]  # after epoch 2's row and checkpoint, once
+        assert signal.getsignal(signal.SIGUSR2) is previous  # put back when the run ended
+        assert summary["status"] == "done" and summary["epochs_done"] == 4
+        assert "SIGUSR2 received: checkpointed epoch 2" in (run_dir / results.RUN_LOG).read_text()
+        # A run that fails puts the handlers back too; one in another thread (Ray's trials) leaves them alone.
+        with pytest.raises(train.TrainingFailed):
+            train.run(small(epochs=2, lr=1e20, noise=False), tmp_path / "failed")
+        assert signal.getsignal(signal.SIGUSR2) is previous
+        handlers = []
+        thread = threading.Thread(target=lambda: handlers.append(
+            train.run(small(epochs=1), tmp_path / "thread", progress=lambda t: handlers.append(
+                signal.getsignal(signal.SIGUSR2)))["status"]))  # fmt: skip
+        thread.start()
+        thread.join(timeout=300)
+        assert handlers == [previous, "done"]
+    finally:
+        signal.signal(signal.SIGUSR2, original)
 
 
 def test_report_is_called_at_each_eval_epoch(tmp_path):
