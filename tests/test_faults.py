@@ -177,16 +177,6 @@ def test_checkpoints_load_with_weights_only_and_to_the_cpu(tmp_path):
     train._set_rng_state(state["rng"], torch.device("cpu"))  # no "RNG state must be a torch.ByteTensor"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_run_resumes_with_its_own_device_rng_only(tmp_path):
-    """Issue 15.1-2 on a GPU: resume works, Adam's step stays on the CPU, one CUDA RNG state (the run's device)."""
-    cfg = tiny(epochs=3, device="cuda")
-    interrupted_run(tmp_path / "r", cfg)
-    state = train._load_checkpoint(tmp_path / "r")
-    assert state["rng"]["cuda"].device.type == "cpu" and state["rng"]["cuda"].dtype == torch.uint8
-    assert train.run(cfg, tmp_path / "r")["status"] == "done"
-
-
 # -- 2. a full disk ----------------------------------------------------------------------------------------------
 
 

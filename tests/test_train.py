@@ -209,6 +209,71 @@ def test_a_stop_signal_checkpoints_its_epoch_then_reaches_the_previous_handler(t
         signal.signal(signal.SIGUSR2, original)
 
 
+def stopped_in_epoch_3(cfg: RunConfig, run_dir) -> None:
+    """Train epochs 1-2 (each checkpointed), then stop in epoch 3 like Ctrl-C."""
+
+    def progress(terms):
+        if terms["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, run_dir, progress=progress)
+    assert train._load_checkpoint(run_dir)["epoch"] == 2
+
+
+def close_rows(a: list[dict], b: list[dict], rel: float, acc: float) -> None:
+    """Metrics rows equal in their epochs and keys, their values within rel (accuracies within acc)."""
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for row_a, row_b in zip(a, b, strict=True):
+        assert set(row_a) == set(row_b)
+        for key in set(row_a) - {"time", "run_id", "epoch"}:
+            tolerance = {"abs": acc} if "acc/" in key else {"rel": rel, "abs": 1e-6}
+            assert row_a[key] == pytest.approx(row_b[key], **tolerance), (row_a["epoch"], key)
+
+
+@pytest.mark.cuda
+def test_a_cuda_run_resumes_with_its_own_device_rng_only(tmp_path):
+    """Issue 15.1-2 on a GPU: resume works, Adam's step stays on the CPU, one CUDA RNG state (the run's device),
+    and the resumed run computes what an uninterrupted CUDA run computes (not bitwise: atomic adds)."""
+    cfg = small(epochs=3, device="cuda", checkpoint_every_s=0)
+    stopped_in_epoch_3(cfg, tmp_path / "r")
+    state = train._load_checkpoint(tmp_path / "r")
+    assert state["rng"]["cuda"].device.type == "cpu" and state["rng"]["cuda"].dtype == torch.uint8
+    assert state["optimizer"]["state"][0]["step"].device.type == "cpu"
+    assert train.run(cfg, tmp_path / "r")["status"] == "done"
+    assert train.run(cfg, tmp_path / "straight")["device"].startswith("cuda")
+    close_rows(results.read_metrics(tmp_path / "r"), results.read_metrics(tmp_path / "straight"), 1e-3, 0.01)
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tmp_path):
+    """device is a placement field: a run checkpointed on a GPU node may resume on a CPU-only one."""
+    cfg = small(epochs=3, device="cuda", checkpoint_every_s=0)
+    stopped_in_epoch_3(cfg, tmp_path / "r")  # epochs 1-2 trained on the GPU
+    before = results.read_metrics(tmp_path / "r")
+    state = train._load_checkpoint(tmp_path / "r")
+    data = train.load_dataset("digits")
+    latents = {}
+    for device in ("cpu", "cuda"):  # the saved weights compute the same latents on either device
+        model = train._build(cfg, data, torch.device(device))
+        model.encoder.load_state_dict(state["encoder"])
+        model.objective.load_state_dict(state["objective"])
+        with torch.no_grad():
+            latents[device] = model.latent.eval()(data.test_x[:64].to(device)).cpu()
+    torch.testing.assert_close(latents["cuda"], latents["cpu"], rtol=1e-4, atol=1e-5)
+
+    trained = []
+    summary = train.run(cfg.replace(device="cpu"), tmp_path / "r", progress=lambda t: trained.append(t["epoch"]))
+    assert summary["status"] == "done" and summary["device"] == "cpu" and trained == [3]
+    rows = results.read_metrics(tmp_path / "r")
+    assert rows[:2] == before and [r["epoch"] for r in rows] == [1, 2, 3]  # the GPU's epochs kept, not redone
+    assert "resumed after epoch 2" in (tmp_path / "r" / results.RUN_LOG).read_text()
+    # Epoch 3 continued from the GPU's weights, not from a fresh start (the CPU run's own first epoch).
+    fresh = train.run(cfg.replace(device="cpu", epochs=1), tmp_path / "fresh")["final"]
+    assert rows[2]["train/loss"] < fresh["train/loss"] - 0.3
+    assert rows[2]["acc/gmm"] >= rows[1]["acc/gmm"] - 0.05
+
+
 def test_report_is_called_at_each_eval_epoch(tmp_path):
     seen = []
     train.run(small(epochs=4, eval_every=2), tmp_path / "r", report=seen.append)
@@ -301,6 +366,40 @@ def test_a_training_step_reads_the_device_at_most_twice(objective, most):
             train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
         reads[steps] = counter.count
     assert (reads[3] - reads[1]) / 2 <= most, reads
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective, most", [("ib", 2), ("ce", 0)])
+def test_a_cuda_training_step_synchronises_at_most_twice(objective, most):
+    """Issue 15.7 on a GPU: torch's sync debug mode flags every wait of the host for the device (blocking copies
+    included), on CIFAR-shaped batches drawn and augmented by the run's own loader; per step, as the difference
+    between a 3-step and a 1-step epoch (what an epoch does once cancels out), after a warm-up epoch."""
+    import itertools
+    import warnings
+
+    from ibbench.data import make_synthetic
+
+    cfg = RunConfig.from_dict(dict(dataset="synthetic", encoder="cnn", latent_dim=16, objective=objective, k=1,
+                                   batch_size=50, augment=True, device="cuda"))  # fmt: skip
+    data = make_synthetic(n_train=200, n_test=20)
+    device = torch.device("cuda")
+    model = train._build(cfg, data, device)
+    optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.objective.parameters()], lr=cfg.lr)
+    loader = train.make_loader(cfg, data, device)
+    train._train_epoch(cfg, model, itertools.islice(iter(loader), 2), optimizer, device, 0)  # warm-up
+    syncs = {}
+    for steps in (1, 3):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train._train_epoch(cfg, model, itertools.islice(iter(loader), steps), optimizer, device, 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs[1] > 0  # the epoch's one read of its health check, at least: the counter counts
+    assert (syncs[3] - syncs[1]) / 2 <= most, syncs
 
 
 def test_float32_precision_is_set_both_ways_and_recorded(tmp_path):
