@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks and measures, in one prepared call (issue 15, "Done when"): the CUDA tests
 # (`pytest -m cuda`: CUDA results against the CPU's), bench_gpu_epoch.py, the whole-run benchmark bench_run.py
-# --device cuda, and bench_memory.py. About 5 minutes on one H200; every step has its own time limit, so the whole
-# script ends within 9 minutes even if a step hangs. Each step's output goes to $OUT/<step>.txt when OUT is set (the
-# device tool's folder), else to benchmarks/gpu-session/; a summary of the exit codes ends the output.
+# --device cuda, and bench_memory.py. Estimated at about 5 minutes on one H200 (not yet run on one); every step has
+# its own time limit, so the whole script ends within 9 minutes even if a step hangs. Each step's output goes to
+# $OUT/<step>.txt when OUT is set (the device tool's folder), else to benchmarks/gpu-session/ (ignored by git); a
+# summary of the exit codes ends the output.
 #
 #   bash benchmarks/gpu_session.sh
 #
