@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+from bench_run import PhaseClock  # this folder is on sys.path when a benchmark runs as a script
 
 from ibbench import train
 from ibbench.attacks import AttackSettings
@@ -36,29 +37,6 @@ from ibbench.evaluation import EncoderDecoder, encode, fit_decoders, robustness_
 TARGET = 0.30  # the issue's target: at most 30 % of a run spent attacking
 QUICKSTART = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 PAPER_EPOCHS, PAPER_TRAIN = 150, 50_000
-
-
-class _AttackClock:
-    """Wall and CPU seconds spent in train._robustness (the attack suite) while it is installed."""
-
-    def __init__(self):
-        self.wall = self.cpu = 0.0
-        self.original = train._robustness
-
-    def __enter__(self) -> _AttackClock:
-        def timed(*args, **kwargs):
-            wall, cpu = time.perf_counter(), time.process_time()
-            try:
-                return self.original(*args, **kwargs)
-            finally:
-                self.wall += time.perf_counter() - wall
-                self.cpu += time.process_time() - cpu
-
-        train._robustness = timed
-        return self
-
-    def __exit__(self, *exc) -> None:
-        train._robustness = self.original
 
 
 def quickstart_share(quick: bool) -> list[float]:
@@ -76,15 +54,16 @@ def quickstart_share(quick: bool) -> list[float]:
     for cfg in chosen:
         if quick:
             cfg = cfg.replace(epochs=2, eval_every=2, fgsm_eps=[0.0, 0.1], attack_images=60)
-        with tempfile.TemporaryDirectory() as tmp, _AttackClock() as clock:
+        with tempfile.TemporaryDirectory() as tmp, PhaseClock({"attack": "_robustness"}, torch.device("cpu")) as clock:
             wall, cpu = time.perf_counter(), time.process_time()
             summary = train.run(cfg, Path(tmp) / "run")
             wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        shares.append(clock.cpu / cpu)
+        attack_wall, attack_cpu, _ = clock.times["attack"]
+        shares.append(attack_cpu / cpu)
         print(
             f"  quickstart {cfg.objective} (β''={cfg.beta}, noise={cfg.noise}, decoders "
-            f"{list(summary['robustness'])}): run {cpu:.2f} CPU s ({wall:.2f} s wall), attacking {clock.cpu:.2f} "
-            f"CPU s ({clock.wall:.2f} s wall; wall share {100 * clock.wall / wall:.1f} %)"
+            f"{list(summary['robustness'])}): run {cpu:.2f} CPU s ({wall:.2f} s wall), attacking {attack_cpu:.2f} "
+            f"CPU s ({attack_wall:.2f} s wall; wall share {100 * attack_wall / wall:.1f} %)"
         )
         print(f"share attacking quickstart {cfg.objective}: {100 * shares[-1]:.1f} % (target ≤ {100 * TARGET:.0f} %)")
     return shares

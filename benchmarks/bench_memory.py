@@ -6,7 +6,9 @@ What a trial holds on its GPU, for checking a sweep's `resources: {gpu: …}` ag
   activations  the tensors autograd saves in one training step for its backward pass, at the given batch size,
                counted with torch.autograd.graph.saved_tensors_hooks under the run's precision (bf16 autocast or
                float32); the allocator's peak also holds a few transient buffers and cuDNN workspace on top.
-The CUDA context (≈ 0.5 GiB) comes on top. Sizes in GiB (2³⁰ bytes).
+The CUDA context (≈ 0.5 GiB) comes on top. Sizes in GiB (2³⁰ bytes). Where torch sees a GPU, the prediction is
+checked against it: torch.cuda.max_memory_allocated over two training steps of a trial built as train.run builds
+it (both CIFAR-sized splits resident, channels_last, cudnn.benchmark), for each precision.
 
     python benchmarks/bench_memory.py [--batch-size 500] [--latent 256]
 """
@@ -14,13 +16,14 @@ The CUDA context (≈ 0.5 GiB) comes on top. Sizes in GiB (2³⁰ bytes).
 from __future__ import annotations
 
 import argparse
+import itertools
 import sys
 
 import torch
 
 from ibbench import train
 from ibbench.config import RunConfig
-from ibbench.data import make_synthetic
+from ibbench.data import Dataset, make_synthetic
 
 GIB = 2**30
 
@@ -45,6 +48,24 @@ def saved_activation_bytes(cfg: RunConfig, batch: int) -> int:
     return sum(seen.values())
 
 
+def measured_peak(cfg: RunConfig, data: Dataset, device: torch.device) -> tuple[int, int]:
+    """Peak bytes (allocated, reserved) on the GPU over two training steps of a trial, both splits resident."""
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats(device)
+    torch.backends.cudnn.benchmark = True  # as train.run sets it on CUDA
+    train.set_precision(cfg, device)
+    model = train._build(cfg, data, device)
+    loader = train.make_loader(cfg, data, device)
+    test_x = data.test_x.to(device)  # evaluation's split, resident too
+    optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.objective.parameters()], lr=cfg.lr)
+    train._train_epoch(cfg, model, itertools.islice(iter(loader), 2), optimizer, device, 1)
+    torch.cuda.synchronize(device)
+    peak = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    del model, loader, test_x, optimizer
+    torch.cuda.empty_cache()
+    return peak
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch-size", type=int, default=500)
@@ -63,6 +84,17 @@ def main() -> int:
         total = data_bytes + 16 * params + act
         label = "bf16 autocast" if amp == "bf16" else "float32"
         print(f"  activations {act / GIB:6.2f} GiB  ({label}); trial total {total / GIB:.2f} GiB + CUDA context")
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        data = make_synthetic(shape=(3, 32, 32), n_train=50_000, n_test=10_000, seed=0)
+        for amp in ("bf16", "off"):
+            cfg = RunConfig.from_dict({**base, "amp": amp, "channels_last": True, "device": "cuda"})
+            allocated, reserved = measured_peak(cfg, data, device)
+            label = "bf16 autocast" if amp == "bf16" else "float32"
+            print(
+                f"  measured on {torch.cuda.get_device_name(device)} ({label}): peak {allocated / GIB:.2f} GiB "
+                f"allocated, {reserved / GIB:.2f} GiB reserved (two training steps; CUDA context on top)"
+            )
     return 0
 
 

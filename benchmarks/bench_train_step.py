@@ -25,7 +25,7 @@ import torch
 
 from ibbench import train
 from ibbench.config import RunConfig
-from ibbench.data import Dataset, DeviceLoader, load_dataset, make_synthetic
+from ibbench.data import Dataset, DeviceLoader, load_dataset, make_synthetic, with_validation
 from ibbench.evaluation import encode, information_plane
 
 TARGET_RATIO = 1.05  # the target: IB's step at most 5 % slower than CE's
@@ -162,15 +162,18 @@ def eval_share(
     )
     print(f"  training epoch: {epoch:.3f} s (median of {repeats})")
     default_every = RunConfig().eval_every
+    # Evaluation decoders select on a validation split: carve one as train.run does (from the training split).
+    held = data if data.val_x is not None else with_validation(data, base.val_fraction)
     splits = train._Splits(
-        trainer.loader.x, trainer.loader.y, data.test_x.to(device), data.test_y.to(device), data.info.num_classes
-    )
+        trainer.loader.x, trainer.loader.y, held.val_x.to(device), held.val_y.to(device), data.test_x.to(device),
+        data.test_y.to(device), data.info.num_classes,
+    )  # fmt: skip
     for width in widths:
         cfg = base.replace(probe_width=width)
         evals, planes = [], []
         for r in range(eval_repeats):
             train.seed_everything(r)
-            evals.append(timed(lambda cfg=cfg: train._evaluate(cfg, trainer.model, splits), device))
+            evals.append(timed(lambda cfg=cfg: train._evaluate(cfg, trainer.model, splits, 1), device))
             z = encode(trainer.model.latent, data.test_x.to(device), noise=True)
             y = data.test_y.to(device)
             train.seed_everything(r)

@@ -67,9 +67,7 @@ def _run_command(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:
             progress.stop()
             again = " ".join(shlex.quote(a) for a in sys.argv[1:]) or "run"
-            err_console.print(
-                f"interrupted: the last finished epoch is checkpointed in {run_dir}; resume with: ibbench {again}"
-            )
+            err_console.print(f"interrupted: {run_dir} resumes from its last checkpoint; resume with: ibbench {again}")
             return 130
         except train.TrainingFailed as exc:
             progress.stop()

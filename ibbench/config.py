@@ -40,9 +40,9 @@ DEVICES = ("auto", "cpu", "cuda")
 AMP_MODES = ("off", "bf16")
 # The default attack suite: the paper's FGSM, margin FGSM/PGD, and AutoAttack's APGD-CE, APGD-DLR and Square.
 ATTACK_SUITE = ("fgsm", "fgsm_margin", "pgd_margin", "apgd_ce", "apgd_dlr", "square")
-# Fields that say where a run executes, not what it computes: two machines running the same experiment must
-# share one run directory, so these stay out of the run's identity (results.run_id).
-PLACEMENT_FIELDS = ("data_dir", "download", "device")
+# Fields that say where and how a run executes, not what it computes: two machines running the same experiment
+# must share one run directory, so these stay out of the run's identity (results.run_id).
+PLACEMENT_FIELDS = ("data_dir", "download", "device", "checkpoint_every_s")
 # The largest seed every consumer accepts: numpy's legacy RNG and scikit-learn's splits take 32-bit seeds (torch
 # takes 64-bit ones); a larger seed would pass validation and crash the run.
 MAX_SEED = 2**32 - 1
@@ -96,6 +96,9 @@ class RunConfig:
     tf32: bool = False  # TF32 for float32 matmuls/convolutions on Ampere+ GPUs; off: IEEE float32, as the paper ran
     channels_last: bool = False  # NHWC memory format for conv encoders on GPU
     device: str = "auto"  # auto: CUDA when present, else CPU
+    # A ResNet18 checkpoint is ~129 MiB against 1-3 s GPU epochs. The last epoch and SIGTERM/SIGUSR2 (preemption,
+    # requeue, scancel) always checkpoint, so the periodic one only bounds what a SIGKILL or a crash loses.
+    checkpoint_every_s: float = 300.0  # seconds between periodic checkpoints, at epoch ends; 0: every epoch
 
     def __post_init__(self) -> None:
         if self.noise is None:  # the objective's default, so every stored config says what ran
@@ -199,6 +202,8 @@ class RunConfig:
                     f"ε = {eps} is outside [0, 1] pixel units",
                     "values in [0, 1], e.g. 0.0313 for 8/255",
                 )
+        if self.checkpoint_every_s < 0:
+            fail("checkpoint_every_s", f"{self.checkpoint_every_s} is negative", "seconds ≥ 0 (0: every epoch)")
         if self.device not in DEVICES:
             fail("device", f"unknown device {self.device!r}", ", ".join(DEVICES))
         if self.amp not in AMP_MODES:

@@ -257,9 +257,14 @@ def augment_cifar(x: Tensor, generator: torch.Generator | None = None) -> Tensor
     n, c, h, w = x.shape
     # Offsets are drawn on the generator's device (CPU usually), so a seed gives the same crops on any device.
     rand_device = generator.device if generator is not None else x.device
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=rand_device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=rand_device).to(x.device)
-    flip = (torch.rand((n,), generator=generator, device=rand_device) < 0.5).to(x.device)
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=rand_device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator, device=rand_device)
+    flip = torch.rand((n,), generator=generator, device=rand_device) < 0.5
+    if rand_device.type == "cpu" and x.is_cuda:  # one non-blocking copy from pinned memory: no wait per step
+        dy, dx, flip = torch.stack([dy, dx, flip.long()]).pin_memory().to(x.device, non_blocking=True).unbind(0)
+        flip = flip.bool()
+    else:
+        dy, dx, flip = dy.to(x.device), dx.to(x.device), flip.to(x.device)
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = dy[:, None] + torch.arange(h, device=x.device)  # (N, H)
     cols_fwd = torch.arange(w, device=x.device)

@@ -7,12 +7,14 @@ import logging
 import math
 import platform
 import random
+import signal
 import socket
 import subprocess
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
@@ -52,6 +54,10 @@ CHECKPOINT_KEYS = ("epoch", "encoder", "objective", "optimizer", "scheduler", "l
 # model of Z|Y, its appendix A.2): on noise-free compressed latents their class log-likelihoods differ by
 # hundreds of nats, the float32 softmax saturates and the cross-entropy's input gradient vanishes.
 NOISY_FIT_DECODERS = ("gmm",)
+# SLURM sends SIGTERM on scancel and preemption, and SIGUSR2 before the time limit (submitit's --signal=USR2@90,
+# whose handler then requeues the job): both make the epoch loop checkpoint before they take their course.
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGUSR2") if hasattr(signal, name))
+PHASES = ("train", "evaluate", "attack", "checkpoint")  # summary.json's phase_time: wall seconds of each
 
 
 class LatentEncoder(nn.Module):
@@ -452,6 +458,65 @@ def _load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
+class _DeferredSignals:
+    """While installed (the epoch loop, in the main thread), SIGTERM and SIGUSR2 only mark themselves pending: the
+    loop checkpoints at the next epoch boundary, then hand_on() gives them to the handlers they had before
+    (submitit's requeues the job, SIG_DFL terminates), so the run loses nothing and its launcher behaves as it
+    would without ibbench. A second signal before that boundary is handed on at once: an epoch longer than
+    SLURM's grace (SIGTERM at the limit, SIGKILL after KillWait) must not cost the job its requeue.
+
+    Off the main thread (Ray's trial threads) signal.signal raises: nothing is deferred there.
+    """
+
+    def __init__(self) -> None:
+        self.pending: list[int] = []
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in STOP_SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler is not None:  # None: a handler set outside Python, which could not be put back
+                self.previous[sig] = handler
+                signal.signal(sig, self._defer)
+
+    def _defer(self, signum: int, frame: Any) -> None:
+        self.pending.append(signum)
+        if len(self.pending) > 1:
+            self.hand_on()
+
+    def _restore(self) -> list[int]:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        pending, self.pending = list(dict.fromkeys(self.pending)), []
+        return pending
+
+    def hand_on(self) -> None:
+        """Deliver the pending signals to the previous handlers (which may end the process); defer again after."""
+        for sig in self._restore():
+            signal.raise_signal(sig)
+        for sig in self.previous:
+            signal.signal(sig, self._defer)
+
+    def close(self) -> None:
+        """Put the previous handlers back for good and deliver any signal still pending; idempotent."""
+        pending = self._restore()
+        self.previous = {}
+        for sig in pending:
+            signal.raise_signal(sig)
+
+
+@contextmanager
+def _timed(phase_time: dict[str, float], phase: str):
+    """Add the block's wall seconds to phase_time[phase] (each phase ends in a host read, so the device is done)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        phase_time[phase] += time.perf_counter() - start
+
+
 def _disk_full(exc: BaseException) -> OSError | None:
     """The ENOSPC/EDQUOT error behind exc, if any (torch.save reports a failed write as a RuntimeError)."""
     seen = set()
@@ -547,6 +612,8 @@ def _train(
     decoders: dict[str, nn.Module] = {}
     last_metrics: dict[str, Any] = {}
     epochs_done = 0  # epochs trained, evaluated and checkpointed: what a resume keeps
+    phase_time = dict.fromkeys(PHASES, 0.0)
+    signals = _DeferredSignals()
     try:
         leftovers = results.remove_temporaries(run_dir)  # from a writer killed mid-write (we hold the lock)
         if leftovers:
@@ -561,6 +628,7 @@ def _train(
             loader.device_generator.set_state(state["loader_device_rng"])
             _set_rng_state(state["rng"], device)
             epochs_done, wall_before = state["epoch"], state.get("wall_time", 0.0)
+            phase_time.update(state.get("phase_time", {}))
             start_epoch = epochs_done + 1
             results.truncate_metrics(run_dir, epochs_done)
             log.info("run %s resumes after epoch %d", rid, epochs_done)
@@ -569,14 +637,18 @@ def _train(
             if (run_dir / results.METRICS).exists():
                 results.truncate_metrics(run_dir, 0)  # rows from a start that never reached a checkpoint
             results.append_log(run_dir, f"started from epoch 1 on {platform.node()}")
+        signals.install()
+        saved_at = time.monotonic()
         for epoch in range(start_epoch, cfg.epochs + 1):
-            terms = _train_epoch(cfg, model, loader, optimizer, device, epoch)
+            with _timed(phase_time, "train"):
+                terms = _train_epoch(cfg, model, loader, optimizer, device, epoch)
             scheduler.step(terms["loss"])
             lr = optimizer.param_groups[0]["lr"]
             if progress is not None:
                 progress({"epoch": epoch, "epochs": cfg.epochs, "lr": lr, **terms})
             if epoch % cfg.eval_every == 0 or epoch == cfg.epochs:
-                metrics, decoders = _evaluate(cfg, model, splits, epoch)
+                with _timed(phase_time, "evaluate"):
+                    metrics, decoders = _evaluate(cfg, model, splits, epoch)
                 row = {
                     "run_id": rid,
                     "epoch": epoch,
@@ -591,15 +663,26 @@ def _train(
                     report(dict(row))
             if lock.lost:  # frozen past the lock's staleness: another process owns the run now; write nothing
                 raise results.RunLocked(f"{run_dir}: the run lock was taken over while this process was stalled")
-            _save_checkpoint(
-                run_dir, model, optimizer, scheduler, loader, epoch, device,
-                wall_time=wall_before + time.perf_counter() - t0,
-            )  # fmt: skip
-            epochs_done = epoch
+            # Periodic checkpoints (a whole model each) bound what a SIGKILL loses; the last epoch and a stop signal
+            # always checkpoint. Rows past the checkpoint's epoch are dropped on resume and written again.
+            stopping = [signal.Signals(sig).name for sig in signals.pending]
+            if stopping or epoch == cfg.epochs or time.monotonic() - saved_at >= cfg.checkpoint_every_s:
+                with _timed(phase_time, "checkpoint"):
+                    _save_checkpoint(
+                        run_dir, model, optimizer, scheduler, loader, epoch, device,
+                        wall_time=wall_before + time.perf_counter() - t0, phase_time=dict(phase_time),
+                    )  # fmt: skip
+                saved_at, epochs_done = time.monotonic(), epoch
+            if stopping:
+                results.append_log(run_dir, f"{', '.join(stopping)} received: checkpointed epoch {epoch}, passed it on")
+                signals.hand_on()
+        signals.close()  # the last epoch is checkpointed: from here a signal takes its course at once
         if not decoders:  # resumed after the last epoch's checkpoint: refit the decoders for the robustness curves
-            metrics, decoders = _evaluate(cfg, model, splits, epochs_done)
+            with _timed(phase_time, "evaluate"):
+                metrics, decoders = _evaluate(cfg, model, splits, epochs_done)
             last_metrics = (results.read_metrics(run_dir) or [{"run_id": rid, "epoch": epochs_done, **metrics}])[-1]
-        curves = _robustness(cfg, model, decoders, splits)
+        with _timed(phase_time, "attack"):
+            curves = _robustness(cfg, model, decoders, splits)
     except results.RunLocked:
         raise  # another process owns the run: its files are not ours to mark
     except KeyboardInterrupt:
@@ -630,6 +713,8 @@ def _train(
         if isinstance(exc, TrainingFailed):
             raise
         raise TrainingFailed(reason) from exc
+    finally:
+        signals.close()  # on every way out: the previous handlers back, a pending signal delivered
 
     summary = {
         "status": "done",
@@ -639,6 +724,7 @@ def _train(
         "final": last_metrics,
         **curves,
         "wall_time": wall_before + time.perf_counter() - t0,
+        "phase_time": phase_time,
         "started": started_at,
         "finished": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "device": str(device),

@@ -38,6 +38,16 @@ def _private_tmpdir(tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (run with `pytest -m cuda` where one is)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_global_rngs():
     """Every test starts from the same global RNG state: train.run reseeds the global RNGs, so without this an

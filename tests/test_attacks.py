@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -170,16 +171,40 @@ def test_robustness_curve_rejects_unknown_attack_and_defaults_eps():
         fgsm(model, x, y, -0.1)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_attacks_on_cuda_with_a_cpu_generator():
-    model = linear_model().cuda()
-    x = torch.rand(8, 1, 3, 4, device="cuda")
-    y = torch.randint(0, 3, (8,), device="cuda")
-    x_adv = pgd(model, x, y, 0.1, steps=2, generator=torch.Generator().manual_seed(0))
-    assert x_adv.is_cuda and (x_adv - x).abs().max() <= 0.1 + 1e-6
-    generator = torch.Generator().manual_seed(0)
-    curve = robustness_curve(model, x, y, [0.0, 0.1], attack="pgd", generator=generator)
-    assert list(curve) == [0.0, 0.1]
+@pytest.mark.cuda
+def test_attacks_on_cuda_give_the_cpu_curves(digits_model):
+    """The same model and images on both devices. FGSM is deterministic and PGD starts from a CPU generator's
+    points, so their curves agree up to the images that float rounding flips; the suite's seeded attacks draw
+    from the device's own RNG (APGD, Square), so its curves agree up to that randomness."""
+    model, x, y = digits_model
+    gpu = copy.deepcopy(model).cuda()
+    xc, yc = x.cuda(), y.cuda()
+    eps = [0.0, 2 / 255, 8 / 255, 32 / 255, 0.3]
+    flips = 3 / len(y)  # a few images whose logits tie within float error
+    cpu_fgsm = robustness_curve(model, x, y, eps, attack="fgsm", batch_size=128)
+    gpu_fgsm = robustness_curve(gpu, xc, yc, eps, attack="fgsm", batch_size=128)
+    cpu_pgd = robustness_curve(model, x, y, eps, "pgd", 128, 10, torch.Generator().manual_seed(0))
+    gpu_pgd = robustness_curve(gpu, xc, yc, eps, "pgd", 128, 10, torch.Generator().manual_seed(0))
+    assert list(gpu_fgsm) == list(gpu_pgd) == eps
+    for e in eps:
+        assert gpu_fgsm[e] == pytest.approx(cpu_fgsm[e], abs=flips), (e, gpu_fgsm, cpu_fgsm)
+        assert gpu_pgd[e] == pytest.approx(cpu_pgd[e], abs=0.02), (e, gpu_pgd, cpu_pgd)
+    assert gpu_pgd[32 / 255] < gpu_pgd[0.0] - 0.5  # an attack on CUDA too, not a no-op matching a no-op
+
+    cpu_suite = accuracy_curves(attack_suite(model, x, y, eps, FAST))
+    gpu_suite = accuracy_curves(attack_suite(gpu, xc, yc, eps, FAST))
+    assert set(gpu_suite) == set(cpu_suite) == set(FAST.attacks) | {WORST}
+    for name, curve in cpu_suite.items():
+        # Square's random search on another RNG stream breaks a different share of the images it might break
+        tolerance = flips if name in ("fgsm", "fgsm_margin") else 0.08 if name == "square" else 0.03
+        for e in eps:
+            assert gpu_suite[name][e] == pytest.approx(curve[e], abs=tolerance), (name, e, gpu_suite[name], curve)
+    assert gpu_suite[WORST][0.3] <= 0.05  # the suite breaks this undefended model on CUDA as on the CPU
+
+    x_adv = pgd(gpu, xc[:8], yc[:8], 0.1, steps=2, generator=torch.Generator().manual_seed(0))
+    x_cpu = pgd(model, x[:8], y[:8], 0.1, steps=2, generator=torch.Generator().manual_seed(0))
+    assert x_adv.is_cuda and (x_adv - xc[:8]).abs().max() <= 0.1 + 1e-6
+    assert (x_adv.cpu() == x_cpu).float().mean() > 0.95  # the same random start and (almost all) the same steps
 
 
 # -- the suite: margin attacks, torchattacks, worst case, masking diagnostics -----------------------------------

@@ -75,3 +75,34 @@ def test_bench_attacks_quick_prints_shares():
     assert sum("quickstart" in line for line in lines) == 2, out
     assert sum("resnet18" in line for line in lines) == 4, out  # ib and ce, measured and bound
     assert all("target ≤ 30 %" in line for line in lines)
+
+
+@pytest.mark.slow
+def test_bench_run_quick_prints_phase_shares_that_add_up():
+    out = run_script("bench_run.py", "--quick", timeout=300)
+    row = re.compile(rf"^\s+(\w+)\s+(\d+)\s+{NUMBER}\s+{NUMBER}%\s+{NUMBER}\s+{NUMBER}%$", re.M)
+    for case in ("digits", "resnet18"):
+        block = out.split(f"\n[{case}, cpu]", 1)[1].split("\n\n", 1)[0]  # this case's paragraph
+        epochs, every = map(int, re.search(r"(\d+) epochs, eval every (\d+)", block).groups())
+        rows = {m.group(1): (int(m.group(2)), *map(float, m.groups()[2:])) for m in row.finditer(block)}
+        (total_wall, total_cpu) = map(float, re.search(rf"^\s+total\s+{NUMBER}\s+100\.0%\s+{NUMBER}\s+100\.0%$",
+                                                        block, re.M).groups())  # fmt: skip
+        phases = ["train", "evaluate", "attack", "checkpoint", "other"]
+        assert set(phases) | {"encode", "decoders", "infoplane"} == set(rows), block
+        for column, total in ((1, total_wall), (3, total_cpu)):  # wall, then CPU: seconds, then share
+            assert sum(rows[p][column + 1] for p in phases) == pytest.approx(100, abs=0.3), block
+            assert sum(rows[p][column] for p in phases) == pytest.approx(total, abs=0.003), block
+            for name, values in rows.items():
+                assert 0 <= values[column + 1] <= 100
+                # seconds are printed to 1 ms: on a total of a fraction of a second that moves a share visibly
+                assert values[column + 1] == pytest.approx(100 * values[column] / total, abs=0.06 + 0.1 / total), name
+        parts = sum(rows[p][1] for p in ("encode", "decoders", "infoplane"))
+        assert 0 < parts <= rows["evaluate"][1] + 0.002  # the breakdown lies inside the evaluation
+        # One call per epoch (training, and checkpointing at interval 0), per eval epoch, one attack phase.
+        evals = len([e for e in range(1, epochs + 1) if e % every == 0 or e == epochs])
+        assert [rows[p][0] for p in ("train", "evaluate", "attack", "checkpoint")] == [epochs, evals, 1, epochs]
+        recorded = dict(re.findall(rf"(\w+) {NUMBER}", block.split("phase_time (wall s): ", 1)[1].split("\n")[0]))
+        for phase in ("train", "evaluate", "attack", "checkpoint"):  # the library's record of the same calls
+            assert float(recorded[phase]) == pytest.approx(rows[phase][1], abs=0.01), (phase, recorded)
+        (shares,) = re.findall(rf"^share \[{case}, cpu\]: (.*)$", out, re.M)
+        assert dict(re.findall(rf"(\w+) {NUMBER} %", shares)) == {p: f"{rows[p][2]:.1f}" for p in phases}

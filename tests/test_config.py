@@ -152,6 +152,8 @@ BAD = {
     "seed_2_32": ("seed: 4294967296\n", "seed", ["too large", "4294967295"]),
     "duplicate_key": ("beta: 0.1\nk: 2\nbeta: 0.5\n", "line 3", ["duplicate key 'beta' (first on line 1)"]),
     "unknown_amp": ("amp: fp8\n", "amp", ["off, bf16"]),
+    "checkpoint_every_negative": ("checkpoint_every_s: -60\n", "checkpoint_every_s", ["negative", "0: every epoch"]),
+    "checkpoint_every_inf": ("checkpoint_every_s: .inf\n", "checkpoint_every_s", ["finite"]),
     "yaml_syntax": ("beta: 0.1\nk: [1, 2\nseed: 0\n", "line", ["invalid YAML"]),
     "top_level_list": ("- beta: 0.1\n", "(top level)", ["mapping", "list"]),
     "top_level_scalar": ("just a string\n", "(top level)", ["mapping", "str"]),

@@ -99,7 +99,11 @@ def test_fit_decoders_accuracy_and_robustness_through_encoder_decoder():
     assert all(0.0 <= v <= 1.0 for v in curve.values())
     assert curve[0.3] < curve[0.0]
     pgd_curve = robustness(encoder, decoders["logreg"], x, y, eps_list, attack="pgd")
+    fgsm_logreg = robustness(encoder, decoders["logreg"], x, y, eps_list, attack="fgsm")
     assert list(pgd_curve) == eps_list
+    assert pgd_curve[0.0] == pytest.approx(decoder_accuracy(decoders["logreg"], z, y))
+    assert all(pgd_curve[e] <= fgsm_logreg[e] + 1 / len(y) for e in eps_list)  # PGD is at least FGSM's strength
+    assert pgd_curve[0.3] < pgd_curve[0.0] - 0.2  # and an attack at all
     # EncoderDecoder is a plain composition: no noise, so it is deterministic in eval mode.
     model = EncoderDecoder(encoder, decoders["gmm"]).eval()
     with torch.no_grad():

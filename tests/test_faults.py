@@ -177,16 +177,6 @@ def test_checkpoints_load_with_weights_only_and_to_the_cpu(tmp_path):
     train._set_rng_state(state["rng"], torch.device("cpu"))  # no "RNG state must be a torch.ByteTensor"
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_a_cuda_run_resumes_with_its_own_device_rng_only(tmp_path):
-    """Issue 15.1-2 on a GPU: resume works, Adam's step stays on the CPU, one CUDA RNG state (the run's device)."""
-    cfg = tiny(epochs=3, device="cuda")
-    interrupted_run(tmp_path / "r", cfg)
-    state = train._load_checkpoint(tmp_path / "r")
-    assert state["rng"]["cuda"].device.type == "cpu" and state["rng"]["cuda"].dtype == torch.uint8
-    assert train.run(cfg, tmp_path / "r")["status"] == "done"
-
-
 # -- 2. a full disk ----------------------------------------------------------------------------------------------
 
 
@@ -284,6 +274,38 @@ def test_ctrl_c_during_ibbench_run_exits_130_and_resumes(tmp_path):
     train.run(RunConfig.from_dict(values), run_dir)
     assert results.run_state(run_dir) == "done"
     assert f"resumed after epoch {epoch}" in (run_dir / results.RUN_LOG).read_text()
+
+
+@pytest.mark.slow
+def test_sigterm_to_ibbench_run_checkpoints_the_epoch_then_terminates_and_resumes_exactly(tmp_path):
+    """Issue 15.8: SIGTERM (scancel, preemption) long before the first periodic checkpoint: the run checkpoints at
+    the end of the epoch it is in, then dies of the signal as it would have; the resumed run trains each epoch once
+    and writes the rows an uninterrupted run writes."""
+    values = {**TINY_RUN, "epochs": 6, "eval_every": 1, "checkpoint_every_s": 3600}
+    config = write_yaml(tmp_path / "term.yaml", values)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([IBBENCH, "run", str(config), "--out", str(out)], env=ENV, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    cfg = RunConfig.from_dict(values)
+    run_dir = out / "term" / results.run_id(cfg)
+    wait_for(lambda: len(results.read_metrics(run_dir)) >= 1, 240, "a first epoch", proc)
+    assert not (run_dir / results.CHECKPOINT).exists()  # nothing periodic yet: only the signal can make one
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGTERM, err  # the default action, after the checkpoint
+    epoch = train._load_checkpoint(run_dir)["epoch"]
+    assert 1 <= epoch < 6
+    assert [r["epoch"] for r in results.read_metrics(run_dir)] == list(range(1, epoch + 1))
+    assert f"SIGTERM received: checkpointed epoch {epoch}" in (run_dir / results.RUN_LOG).read_text()
+    assert results.run_state(run_dir) == "incomplete"
+
+    trained = []
+    train.run(cfg, run_dir, progress=lambda terms: trained.append(terms["epoch"]))
+    assert trained == list(range(epoch + 1, 7))  # nothing trained twice
+    train.run(cfg, tmp_path / "straight")
+    assert comparable(results.read_metrics(run_dir)) == comparable(results.read_metrics(tmp_path / "straight"))
+    summaries = [results.read_summary(d) for d in (run_dir, tmp_path / "straight")]
+    assert summaries[0]["robustness"] == summaries[1]["robustness"]
 
 
 @pytest.mark.slow

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -53,3 +55,26 @@ def test_the_session_runtime_is_loopback_only_and_refuses_clients_without_its_to
     # The control: with the runtime's token the same client gets in, so the refusals above are the token's doing.
     out, err = attempt(stranger | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": os.environ["RAY_AUTH_TOKEN"]})
     assert "accepted" in out, err[-2000:]
+
+
+def test_a_temp_folder_too_deep_for_ray_sockets_falls_back_to_tmp(tmp_path, monkeypatch):
+    import tempfile
+
+    from ibbench.launch.local import SOCKET_PATH_MAX, ray_temp_dir
+
+    deep = tmp_path / ("d" * 60)  # a job's nested scratch folder, say
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    folder = ray_temp_dir()
+    try:
+        longest = folder / "session_2026-11-29_20-31-14_019691_4194304" / "sockets" / "plasma_store"
+        assert len(str(longest)) <= SOCKET_PATH_MAX, longest
+        assert folder.parent.parent == Path("/tmp") and folder.parent.stat().st_mode & 0o777 == 0o700
+    finally:
+        folder.parent.rmdir()
+    shallow = Path(tempfile.mkdtemp(prefix="s", dir="/tmp"))  # short enough: kept
+    monkeypatch.setattr(tempfile, "tempdir", str(shallow))
+    try:
+        assert ray_temp_dir().parent.parent == shallow
+    finally:
+        shutil.rmtree(shallow)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -134,3 +136,33 @@ def test_the_latent_layer_runs_in_float32_under_bf16_autocast(name):
         expected = model.latent(features.float())  # the float32 layer on the autocast features
     torch.testing.assert_close(z, expected, rtol=0, atol=0)
     assert not torch.equal(z, z.bfloat16().float())  # not rounded to bf16
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+def test_encoders_on_cuda_compute_the_cpu_latents(name):
+    """The same weights on both devices: IEEE float32 gives the CPU's latents up to rounding; under CUDA bf16
+    autocast the body runs in bf16 and the latent layer in float32, within bf16's error of the float32 latent."""
+    shape = DIGITS if name != "resnet18" else CIFAR
+    model = make_encoder(name, shape, 16).eval()
+    x = torch.rand(16, *shape, generator=torch.Generator().manual_seed(0))
+    gpu = copy.deepcopy(model).cuda()
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    matmul.fp32_precision = conv.fp32_precision = "ieee"  # no TF32: what `tf32: false` (the default) runs
+    try:
+        with torch.no_grad():
+            z_cpu = model(x)
+            z_gpu = gpu(x.cuda())
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                features = gpu.body(gpu.normalize(x.cuda()))
+                z_bf16 = gpu(x.cuda())
+            expected = gpu.latent(features.float())
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
+    assert z_gpu.is_cuda and z_gpu.dtype == torch.float32
+    torch.testing.assert_close(z_gpu.cpu(), z_cpu, rtol=1e-4, atol=1e-4)
+    assert features.dtype == torch.bfloat16 and z_bf16.dtype == torch.float32
+    torch.testing.assert_close(z_bf16, expected, rtol=0, atol=0)  # the latent layer itself in float32
+    relative = float((z_bf16.cpu() - z_cpu).norm() / z_cpu.norm())
+    assert 0 < relative < 0.05, relative  # bf16's 8-bit mantissa through the body: about a percent

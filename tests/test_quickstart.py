@@ -28,7 +28,7 @@ def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console(tmp_p
     readme = (REPO / "README.md").read_text()
     (command,) = set(re.findall(r"ibbench sweep (sweeps/quickstart\.yaml)\b", readme.split("Run the tests")[0]))
     # A temp folder of its own (short: Ray's socket paths below it are limited to 107 bytes), to see what is left.
-    scratch_tmp = Path(tempfile.mkdtemp(prefix="qs-"))
+    scratch_tmp = Path(tempfile.mkdtemp(prefix="qs-", dir="/tmp"))
     env = {**os.environ, "COLUMNS": "200", "OMP_NUM_THREADS": "1", "TMPDIR": str(scratch_tmp)}
     try:
         proc = subprocess.run([str(IBBENCH), "sweep", command, "--out", str(tmp_path)], cwd=REPO, env=env,

@@ -38,7 +38,9 @@ def test_run_id_changes_with_results(change):
     assert results.run_id(DIGITS.replace(**change)) != results.run_id(DIGITS)
 
 
-@pytest.mark.parametrize("change", [{"data_dir": "/elsewhere"}, {"device": "cpu"}, {"download": True}])
+@pytest.mark.parametrize(
+    "change", [{"data_dir": "/elsewhere"}, {"device": "cpu"}, {"download": True}, {"checkpoint_every_s": 0}]
+)
 def test_run_id_ignores_placement(change):
     assert results.run_id(DIGITS.replace(**change)) == results.run_id(DIGITS)
 

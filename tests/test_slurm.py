@@ -153,10 +153,12 @@ def test_bad_cluster_files_and_an_unknown_partition_are_one_line_errors(tmp_path
 
 def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from_its_checkpoint(tmp_path, capsys):
     """SLURM warns a job before its time limit with SIGUSR2 (submitit asks for it); the test sends that signal
-    itself once the run has checkpointed, so the outcome does not depend on how fast this machine trains."""
+    itself at a known point, so the outcome does not depend on how fast this machine trains. With the default
+    checkpoint interval no checkpoint exists yet then: the signal itself must make the run checkpoint before
+    submitit requeues the job."""
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(yaml.safe_dump({"partition": "debug", "time_min": 10}))
-    base = {**TINY, "epochs": 30, "eval_every": 1}
+    base = {**{k: v for k, v in TINY.items() if k != "checkpoint_every_s"}, "epochs": 30, "eval_every": 1}
     spec_path = write_spec(tmp_path / "rq.yaml", name="rq", base=base, grid={"beta": [0.1]})
     out = tmp_path / "out"
     argv = ["sweep", str(spec_path), "--launcher", "slurm-array", "--cluster", str(cluster), "--out", str(out)]
@@ -164,9 +166,10 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from
     waiter = threading.Thread(target=lambda: codes.append(main([*argv, "--wait"])))
     waiter.start()
     (run,) = plan(load_sweep(spec_path), out)
-    # The explicit point: two evaluated epochs on disk (each checkpointed with its row).
+    # The explicit point: two evaluated epochs on disk, no checkpoint yet (the default interval is minutes).
     wait_until(lambda: len(results.read_metrics(run.run_dir)) >= 2, "two epochs of the run", waiter)
     before = results.read_metrics(run.run_dir)
+    assert not (run.run_dir / results.CHECKPOINT).exists()
     job = submitted_jobs(out / "rq")[run.run_id]
     subprocess.run(["scancel", "--signal=USR2", job], check=True)
     waiter.join(timeout=600)
@@ -174,6 +177,8 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from
     assert results.run_state(run.run_dir) == "done"
     logs = "".join(p.read_text() for p in (out / "rq" / ".slurm").glob("*/*_log.*"))
     assert "Caught signal SIGUSR2" in logs and "Requeued" in logs  # submitit checkpointed and requeued it
+    run_log = (run.run_dir / results.RUN_LOG).read_text()
+    assert "SIGUSR2 received: checkpointed epoch" in run_log and "resumed after epoch" in run_log
     rows = results.read_metrics(run.run_dir)
     assert [row["epoch"] for row in rows] == list(range(1, 31))  # every epoch once
     assert rows[0] == before[0]  # the epochs before the signal were kept, not trained again

@@ -276,7 +276,7 @@ def test_an_array_spreads_over_both_nodes_retries_a_failed_run_and_writes_sweep_
     assert main(argv) == 0
     assert "nothing to submit" in capsys.readouterr().out  # the entries after the torn line were read
     assert main(["status", str(root)]) == 0
-    assert "by test_acc/logreg (max)" in capsys.readouterr().out
+    assert "by val_acc/logreg (max)" in capsys.readouterr().out
 
 
 def ledger_jobs_tolerant(ledger: Path) -> list[str]:
@@ -292,7 +292,7 @@ def ledger_jobs_tolerant(ledger: Path) -> list[str]:
 def test_a_live_search_sweep_gets_no_second_driver(tmp_path, capsys):
     """While a search sweep's allocation is queued (held here), submitting the sweep again starts no second
     driver, which would re-ask the live one's trials and mark them failed."""
-    search = {"algorithm": "optuna", "num_samples": 2, "metric": "test_acc/gmm", "mode": "max",
+    search = {"algorithm": "optuna", "num_samples": 2, "metric": "val_acc/gmm", "mode": "max",
               "space": {"beta": {"uniform": [0.0, 0.9]}}}  # fmt: skip
     spec_path = write_spec(tmp_path, name="srch", base=TINY_RUN, search=search)
     held = tmp_path / "held.yaml"

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 import torch
@@ -129,7 +130,7 @@ def killed_run(script_text: str, cfg: RunConfig, run_dir):
 
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     # On the CPU: bitwise equality is promised there only (cuDNN autotuning and atomic adds vary on GPUs).
-    cfg = small(epochs=4, device="cpu")
+    cfg = small(epochs=4, device="cpu", checkpoint_every_s=0)  # every epoch checkpointed
     killed_run(KILLED_RUN, cfg, tmp_path / "resumed")
     assert torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=False)["epoch"] == 2
 
@@ -143,6 +144,134 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     rob_a = json.loads((tmp_path / "resumed" / "summary.json").read_text())["robustness"]
     rob_b = json.loads((tmp_path / "straight" / "summary.json").read_text())["robustness"]
     assert rob_a == rob_b
+
+
+def test_a_run_killed_before_its_first_periodic_checkpoint_restarts_and_writes_the_same_rows(tmp_path):
+    cfg = small(epochs=4, device="cpu", checkpoint_every_s=3600)
+    killed_run(KILLED_RUN, cfg, tmp_path / "resumed")  # SIGKILL in epoch 3: rows 1-2 written, nothing checkpointed
+    assert [r["epoch"] for r in results.read_metrics(tmp_path / "resumed")] == [1, 2]
+    assert not list((tmp_path / "resumed").glob("checkpoint*.pt"))
+
+    train.run(cfg, tmp_path / "resumed")
+    train.run(cfg.replace(checkpoint_every_s=0), tmp_path / "straight")  # the interval is not part of the run
+    resumed, straight = (results.read_metrics(tmp_path / name) for name in ("resumed", "straight"))
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4]
+    for a, b in zip(resumed, straight, strict=True):
+        assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
+
+
+@pytest.mark.parametrize("every, expected", [(3600, [False, False, False]), (0, [False, True, True])])
+def test_checkpoints_follow_the_interval_and_the_last_epoch_always_checkpoints(tmp_path, every, expected):
+    run_dir = tmp_path / "r"
+    seen = []  # at each epoch's end, before its own checkpoint: is there one from an earlier epoch?
+    summary = train.run(small(epochs=3, checkpoint_every_s=every), run_dir,
+                        progress=lambda terms: seen.append((run_dir / results.CHECKPOINT).exists()))  # fmt: skip
+    assert seen == expected
+    assert torch.load(run_dir / results.CHECKPOINT, weights_only=True)["epoch"] == 3
+    phases = summary["phase_time"]
+    assert set(phases) == set(train.PHASES) and all(v >= 0 for v in phases.values())
+    assert sum(phases.values()) <= summary["wall_time"]
+    assert phases["attack"] >= summary["attack_time"] > 0
+
+
+def test_a_stop_signal_checkpoints_its_epoch_then_reaches_the_previous_handler(tmp_path):
+    """SIGUSR2 as SLURM sends it before the time limit, to a handler like submitit's (which would requeue)."""
+    run_dir = tmp_path / "r"
+    seen = []
+
+    def previous(signum, frame):  # what it finds when the signal reaches it
+        state = torch.load(run_dir / results.CHECKPOINT, weights_only=True)
+        seen.append((signal.Signals(signum).name, state["epoch"], len(results.read_metrics(run_dir))))
+
+    def progress(terms):
+        if terms["epoch"] == 2:
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    original = signal.signal(signal.SIGUSR2, previous)
+    try:
+        summary = train.run(small(epochs=4, checkpoint_every_s=3600), run_dir, progress=progress)
+        assert seen == [("SIGUSR2", 2, 2)]  # after epoch 2's row and checkpoint, once
+        assert signal.getsignal(signal.SIGUSR2) is previous  # put back when the run ended
+        assert summary["status"] == "done" and summary["epochs_done"] == 4
+        assert "SIGUSR2 received: checkpointed epoch 2" in (run_dir / results.RUN_LOG).read_text()
+        # A run that fails puts the handlers back too; one in another thread (Ray's trials) leaves them alone.
+        with pytest.raises(train.TrainingFailed):
+            train.run(small(epochs=2, lr=1e20, noise=False), tmp_path / "failed")
+        assert signal.getsignal(signal.SIGUSR2) is previous
+        handlers = []
+        thread = threading.Thread(target=lambda: handlers.append(
+            train.run(small(epochs=1), tmp_path / "thread", progress=lambda t: handlers.append(
+                signal.getsignal(signal.SIGUSR2)))["status"]))  # fmt: skip
+        thread.start()
+        thread.join(timeout=300)
+        assert handlers == [previous, "done"]
+    finally:
+        signal.signal(signal.SIGUSR2, original)
+
+
+def stopped_in_epoch_3(cfg: RunConfig, run_dir) -> None:
+    """Train epochs 1-2 (each checkpointed), then stop in epoch 3 like Ctrl-C."""
+
+    def progress(terms):
+        if terms["epoch"] == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train.run(cfg, run_dir, progress=progress)
+    assert train._load_checkpoint(run_dir)["epoch"] == 2
+
+
+def close_rows(a: list[dict], b: list[dict], rel: float, acc: float) -> None:
+    """Metrics rows equal in their epochs and keys, their values within rel (accuracies within acc)."""
+    assert [r["epoch"] for r in a] == [r["epoch"] for r in b]
+    for row_a, row_b in zip(a, b, strict=True):
+        assert set(row_a) == set(row_b)
+        for key in set(row_a) - {"time", "run_id", "epoch"}:
+            tolerance = {"abs": acc} if "acc/" in key else {"rel": rel, "abs": 1e-6}
+            assert row_a[key] == pytest.approx(row_b[key], **tolerance), (row_a["epoch"], key)
+
+
+@pytest.mark.cuda
+def test_a_cuda_run_resumes_with_its_own_device_rng_only(tmp_path):
+    """Issue 15.1-2 on a GPU: resume works, Adam's step stays on the CPU, one CUDA RNG state (the run's device),
+    and the resumed run computes what an uninterrupted CUDA run computes (not bitwise: atomic adds)."""
+    cfg = small(epochs=3, device="cuda", checkpoint_every_s=0)
+    stopped_in_epoch_3(cfg, tmp_path / "r")
+    state = train._load_checkpoint(tmp_path / "r")
+    assert state["rng"]["cuda"].device.type == "cpu" and state["rng"]["cuda"].dtype == torch.uint8
+    assert state["optimizer"]["state"][0]["step"].device.type == "cpu"
+    assert train.run(cfg, tmp_path / "r")["status"] == "done"
+    assert train.run(cfg, tmp_path / "straight")["device"].startswith("cuda")
+    close_rows(results.read_metrics(tmp_path / "r"), results.read_metrics(tmp_path / "straight"), 1e-3, 0.01)
+
+
+@pytest.mark.cuda
+def test_a_checkpoint_saved_on_cuda_resumes_on_the_cpu(tmp_path):
+    """device is a placement field: a run checkpointed on a GPU node may resume on a CPU-only one."""
+    cfg = small(epochs=3, device="cuda", checkpoint_every_s=0)
+    stopped_in_epoch_3(cfg, tmp_path / "r")  # epochs 1-2 trained on the GPU
+    before = results.read_metrics(tmp_path / "r")
+    state = train._load_checkpoint(tmp_path / "r")
+    data = train.load_dataset("digits")
+    latents = {}
+    for device in ("cpu", "cuda"):  # the saved weights compute the same latents on either device
+        model = train._build(cfg, data, torch.device(device))
+        model.encoder.load_state_dict(state["encoder"])
+        model.objective.load_state_dict(state["objective"])
+        with torch.no_grad():
+            latents[device] = model.latent.eval()(data.test_x[:64].to(device)).cpu()
+    torch.testing.assert_close(latents["cuda"], latents["cpu"], rtol=1e-4, atol=1e-5)
+
+    trained = []
+    summary = train.run(cfg.replace(device="cpu"), tmp_path / "r", progress=lambda t: trained.append(t["epoch"]))
+    assert summary["status"] == "done" and summary["device"] == "cpu" and trained == [3]
+    rows = results.read_metrics(tmp_path / "r")
+    assert rows[:2] == before and [r["epoch"] for r in rows] == [1, 2, 3]  # the GPU's epochs kept, not redone
+    assert "resumed after epoch 2" in (tmp_path / "r" / results.RUN_LOG).read_text()
+    # Epoch 3 continued from the GPU's weights, not from a fresh start (the CPU run's own first epoch).
+    fresh = train.run(cfg.replace(device="cpu", epochs=1), tmp_path / "fresh")["final"]
+    assert rows[2]["train/loss"] < fresh["train/loss"] - 0.3
+    assert rows[2]["acc/gmm"] >= rows[1]["acc/gmm"] - 0.05
 
 
 def test_report_is_called_at_each_eval_epoch(tmp_path):
@@ -237,6 +366,40 @@ def test_a_training_step_reads_the_device_at_most_twice(objective, most):
             train._train_epoch(cfg, model, batches[:steps], optimizer, device, 1)
         reads[steps] = counter.count
     assert (reads[3] - reads[1]) / 2 <= most, reads
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("objective, most", [("ib", 2), ("ce", 0)])
+def test_a_cuda_training_step_synchronises_at_most_twice(objective, most):
+    """Issue 15.7 on a GPU: torch's sync debug mode flags every wait of the host for the device (blocking copies
+    included), on CIFAR-shaped batches drawn and augmented by the run's own loader; per step, as the difference
+    between a 3-step and a 1-step epoch (what an epoch does once cancels out), after a warm-up epoch."""
+    import itertools
+    import warnings
+
+    from ibbench.data import make_synthetic
+
+    cfg = RunConfig.from_dict(dict(dataset="synthetic", encoder="cnn", latent_dim=16, objective=objective, k=1,
+                                   batch_size=50, augment=True, device="cuda"))  # fmt: skip
+    data = make_synthetic(n_train=200, n_test=20)
+    device = torch.device("cuda")
+    model = train._build(cfg, data, device)
+    optimizer = torch.optim.Adam([*model.encoder.parameters(), *model.objective.parameters()], lr=cfg.lr)
+    loader = train.make_loader(cfg, data, device)
+    train._train_epoch(cfg, model, itertools.islice(iter(loader), 2), optimizer, device, 0)  # warm-up
+    syncs = {}
+    for steps in (1, 3):
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train._train_epoch(cfg, model, itertools.islice(iter(loader), steps), optimizer, device, 1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        syncs[steps] = sum("synchroniz" in str(w.message) for w in caught)
+    assert syncs[1] > 0  # the epoch's one read of its health check, at least: the counter counts
+    assert (syncs[3] - syncs[1]) / 2 <= most, syncs
 
 
 def test_float32_precision_is_set_both_ways_and_recorded(tmp_path):

@@ -16,4 +16,7 @@ TINY_RUN = {
     "apgd_steps": 5,
     "square_queries": 20,
     "attack_images": 100,
+    # every epoch checkpointed: these tests stop runs at known epochs (the default interval, and the checkpoint a
+    # stop signal forces, are tested in test_train, test_faults and test_slurm's signalled job)
+    "checkpoint_every_s": 0,
 }

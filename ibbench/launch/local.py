@@ -94,13 +94,23 @@ def local_ray(logs_to: Path, num_cpus: int | None = None, num_gpus: int | None =
         keep_ray_logs(temp_dir, logs_to)
 
 
+# len("/ibbench-ray-xxxxxxxx/r/session_2026-11-29_20-31-14_019691_21653/sockets/plasma_store"), with room to spare.
+RAY_SOCKET_SUFFIX = 92
+SOCKET_PATH_MAX = 107  # AF_UNIX on Linux
+
+
 def ray_temp_dir() -> Path:
     """A temp folder for one Ray runtime, inside a fresh private folder (mkdtemp: mode 0700, unpredictable name).
 
     Ray opens up the permissions of the temp folder it is given (0777); the private parent keeps other users out of
-    it all the same. Short on purpose: Ray's Unix sockets live below it, and their paths may not exceed 107 bytes.
+    it all the same. Short on purpose: Ray's Unix sockets live below it, and their paths may not exceed 107 bytes;
+    where $TMPDIR is too deep for that (a job's nested scratch folder), /tmp takes its place.
     """
-    return Path(tempfile.mkdtemp(prefix="ibbench-ray-")) / "r"
+    base = tempfile.gettempdir()
+    if len(base) + RAY_SOCKET_SUFFIX > SOCKET_PATH_MAX and os.access("/tmp", os.W_OK):
+        log.debug("temp folder %s too deep for Ray's socket paths; using /tmp", base)
+        base = "/tmp"
+    return Path(tempfile.mkdtemp(prefix="ibbench-ray-", dir=base)) / "r"
 
 
 def keep_ray_logs(temp_dir: str | Path, logs_to: Path, prefix: str = "logs-") -> None:
