@@ -38,14 +38,17 @@ def _private_tmpdir(tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so."""
-    if torch.cuda.is_available():
-        return
+    """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so. Under
+    pytest-xdist (`-n 2 --dist loadgroup`, the README's command), every SLURM test runs on one worker, in file
+    order: they share one local cluster, whose CPUs some of them need free."""
     skip = pytest.mark.skip(reason="needs a CUDA device (run with `pytest -m cuda` where one is)")
     for item in items:
-        if item.get_closest_marker("cuda") is not None:
+        if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
             item.add_marker(skip)
+        if item.get_closest_marker("slurm") is not None:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
 
 
 @pytest.fixture(autouse=True)

@@ -8,6 +8,7 @@ import threading
 import time
 from pathlib import Path
 
+import optuna
 import pytest
 import yaml
 from tiny import TINY_RUN
@@ -16,7 +17,7 @@ from ibbench import results
 from ibbench.cli import main
 from ibbench.config import ConfigError, load_sweep
 from ibbench.launch.slurm import load_cluster
-from ibbench.sweep import plan
+from ibbench.sweep import OPTUNA_DB, plan
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -60,18 +61,31 @@ def test_array_launcher_runs_to_done_and_a_resubmission_submits_nothing(tmp_path
     assert "nothing to submit" in capsys.readouterr().out
 
 
-def test_allocation_launcher_runs_the_sweep_through_ray_in_a_job(tmp_path, cluster_file, capsys):
-    spec = write_spec(tmp_path / "alloc.yaml", name="alloc", base=TINY, grid={"beta": [0.05, 0.5]})
+def test_allocation_launcher_runs_a_search_sweep_through_ray_and_optuna_in_a_job(tmp_path, cluster_file, capsys):
+    """The allocation launcher drives an Optuna search inside the job: Ray Tune runs the trials there, the study
+    (next to the runs) records each as complete, and a resubmission of the finished search submits nothing."""
+    search = {"algorithm": "optuna", "num_samples": 2, "metric": "val_acc/gmm", "mode": "max",
+              "space": {"beta": {"uniform": [0.05, 0.9]}}}  # fmt: skip
+    spec = write_spec(tmp_path / "alloc.yaml", name="alloc", base=TINY, search=search)
     out = tmp_path / "out"
     argv = ["sweep", str(spec), "--launcher", "slurm", "--cluster", str(cluster_file), "--out", str(out), "--wait"]
     assert main(argv) == 0
-    assert "submitted 2 runs as 1 SLURM job" in capsys.readouterr().out
-    assert [p.state for p in plan(load_sweep(spec), out)] == ["done", "done"]
+    assert "as 1 SLURM job" in capsys.readouterr().out
     logs = list((out / "alloc" / ".slurm").glob("*/*_0_log.out"))
     assert logs and "Ray runtime started" in logs[0].read_text()
-    # The runs went through Ray Tune inside the job: its experiment state lists both trials.
+    storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'alloc' / OPTUNA_DB}")
+    trials = optuna.load_study(study_name="alloc", storage=storage).trials
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    run_dirs = [d for d in (out / "alloc").iterdir() if (d / results.CONFIG).exists()]
+    assert len(run_dirs) == 2 and all(results.run_state(d) == "done" for d in run_dirs)
+    betas = sorted(results.read_summary(d)["config"]["beta"] for d in run_dirs)
+    assert betas == sorted(t.params["beta"] for t in trials) and betas[0] != betas[1]
+    # The trials went through Ray Tune inside the job: its experiment state lists both.
     (state,) = (out / "alloc" / ".ray").glob("tune-*/experiment_state*.json")
-    assert sum(p.run_id in state.read_text() for p in plan(load_sweep(spec), out)) == 2
+    assert sum(d.name in state.read_text() for d in run_dirs) == 2
+    assert main(argv) == 0  # the search has its trials: no second job
+    assert "nothing to submit" in capsys.readouterr().out
+    assert len(optuna.load_study(study_name="alloc", storage=storage).trials) == 2
 
 
 def submitted_jobs(sweep_folder: Path) -> dict[str, str]:

@@ -34,7 +34,16 @@ LONG = {**TINY_RUN, "eval_every": 10, "fgsm_eps": [0.0]}
 
 @pytest.fixture(scope="module", autouse=True)
 def two_nodes(slurm_two_nodes):
-    """Every test here submits to partition `two` (started by the session fixture where it can be)."""
+    """Every test here submits to partition `two` (started by the session fixture where it can be), from a
+    process that has run a local Ray runtime, as a test session (or a notebook) may have: its environment
+    (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0, exported to the jobs by sbatch) must not stop the nodes joining."""
+    before = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    yield
+    if before is None:
+        os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    else:
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = before
 
 
 def cluster(tmp_path: Path, **fields) -> Path:

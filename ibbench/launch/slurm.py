@@ -27,7 +27,7 @@ from typing import Any
 from ibbench import results
 from ibbench.config import ClusterConfig, ConfigError, RunConfig, SweepSpec, load_cluster
 from ibbench.launch.local import keep_ray_logs, ray_temp_dir
-from ibbench.sweep import RAY_SCRATCH, PlannedRun, plan, run_sweep, sweep_dir, write_spec
+from ibbench.sweep import RAY_SCRATCH, PlannedRun, optuna_trial_count, plan, run_sweep, sweep_dir, write_spec
 
 __all__ = ["AllocationJob", "ClusterConfig", "RunJob", "SlurmError", "Submission", "load_cluster", "submit"]
 
@@ -132,6 +132,10 @@ def _ray_env(single_node: bool, token: str) -> dict[str, str]:
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     if single_node:
         env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keeps every Ray process on 127.0.0.1
+    else:
+        # A submitting process that ran a local Ray runtime passes its "0" on (sbatch exports the environment);
+        # with it a worker's `ray start` refuses to join a multi-node cluster.
+        env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     return env
 
 
@@ -253,6 +257,8 @@ class AllocationJob:
         # workers' steps inherit them too.
         os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
                            if k in env})  # fmt: skip
+        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env:
+            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
         import ray
 
         root = sweep_dir(self.spec, Path(self.out))
@@ -570,6 +576,8 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
     todo = [p for p in pending_runs(spec, out, retry_failed) if p.run_id not in set(active)]
     if spec.search is None and not todo:
         return Submission([], [], log_dir, active)
+    if spec.search is not None and optuna_trial_count(spec, out) >= spec.search.num_samples:
+        return Submission([], [], log_dir, active)  # the search has all its trials: a driver would have none to ask
     _check_partition(cluster)
     root.mkdir(parents=True, exist_ok=True)
     executor = _executor(spec, out, cluster)
