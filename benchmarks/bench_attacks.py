@@ -85,8 +85,9 @@ def resnet_share(images: int, steps: int, quick: bool) -> None:
         dict(dataset="synthetic", encoder="resnet18", latent_dim=256, batch_size=batch, k=1, device="cpu")
     )
     if quick:
-        base = base.replace(apgd_steps=5, square_queries=20, pgd_steps=3)
-    data = make_synthetic(shape=(3, 32, 32), n_train=max(4 * batch, 200), n_test=max(images, 20), seed=0)
+        base = base.replace(apgd_steps=5, square_queries=20, pgd_steps=3, fgsm_eps=[0.0, 8 / 255])
+    data = make_synthetic(shape=(3, 32, 32), n_train=2 * batch if quick else max(4 * batch, 200),
+                          n_test=max(images, 20), seed=0)  # fmt: skip
     splits_x, splits_y = data.train_x, data.train_y
     settings = train.attack_settings(base)
     print(

@@ -273,6 +273,15 @@ def _trial_config(config: dict[str, Any]) -> RunConfig:
     return RunConfig.from_dict(values, config["_ibbench"]["source"])
 
 
+def trial_device(cfg: RunConfig, gpu_ids: list[str]) -> RunConfig:
+    """A trial that Ray gave no GPU runs on the CPU: Ray ≥ 2.x leaves every GPU visible to a trial that reserved
+    none, where `device: auto` would open an uncounted CUDA context on cuda:0. The device is a placement field,
+    so the run (its id, its files) is the same."""
+    if cfg.device == "auto" and not gpu_ids:
+        return cfg.replace(device="cpu")
+    return cfg
+
+
 def _trainable(config: dict[str, Any]) -> None:
     """One Ray Tune trial: build the RunConfig, then train.run into <sweep_dir>/<run_id>."""
     import ray
@@ -297,7 +306,8 @@ def _trainable(config: dict[str, Any]) -> None:
         tune.report({k: v for k, v in metrics.items() if isinstance(v, (int, float, str))})
 
     # The GPUs Ray gave this trial (it sets CUDA_VISIBLE_DEVICES to them); recorded in summary.json.
-    summary = train.run(cfg, run_dir, report=report, gpu_ids=[str(g) for g in ray.get_gpu_ids()])
+    gpu_ids = [str(g) for g in ray.get_gpu_ids()]
+    summary = train.run(trial_device(cfg, gpu_ids), run_dir, report=report, gpu_ids=gpu_ids)
     # The trial's last result is what searchers and schedulers read when it completes (Ray's closing result
     # does not always carry the metrics), and a run that was DONE already reported nothing: report the final
     # metrics once more.
@@ -553,10 +563,13 @@ def _fit(tuner, spec: SweepSpec, outcome: SweepOutcome, root: Path) -> None:
     for result in grid:
         if result.error is None:
             continue
-        rid = (result.metrics or {}).get("run_id")
-        if rid and results.run_state(root / rid) == "failed":
-            continue  # the run directory holds the failure and its reason
         config = result.config or {}
+        try:  # the trial's run: its directory, when it got one, holds the failure and its reason
+            rid = results.run_id(_trial_config(config))
+        except Exception:  # noqa: BLE001 (a sampled config that is not a valid run failed before it had one)
+            rid = None
+        if rid and results.run_state(root / rid) == "failed":
+            continue
         if "run" in config:
             key = results.run_id(RunConfig.from_dict(config["run"], spec.source))
         else:

@@ -38,17 +38,35 @@ def _private_tmpdir(tmp_path_factory):
     shutil.rmtree(path, ignore_errors=True)
 
 
-@pytest.hookimpl(tryfirst=True)
+# Test files that submit to the local SLURM: under pytest-xdist one worker runs them all, in order, and first.
+SLURM_TEST_FILES = ("tests/test_slurm.py::", "tests/test_slurm_two_nodes.py::")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(config, items):
-    """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so. Under
-    pytest-xdist (`-n 2 --dist loadgroup`, the README's command), every SLURM test runs on one worker, in file
-    order: they share one local cluster, whose CPUs some of them need free."""
+    """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so. SLURM tests come
+    first: they wait on the scheduler most of their time, the longest path through the suite."""
     skip = pytest.mark.skip(reason="needs a CUDA device (run with `pytest -m cuda` where one is)")
     for item in items:
         if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
             item.add_marker(skip)
-        if item.get_closest_marker("slurm") is not None:
-            item.add_marker(pytest.mark.xdist_group("slurm"))
+    items.sort(key=lambda item: not item.nodeid.startswith(SLURM_TEST_FILES))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n 2 --dist loadgroup` (the README's command): every SLURM test on one worker, in file order (they share one
+    local cluster, whose CPUs some need free); every other test scheduled on its own. xdist's own loadgroup
+    (xdist_group markers) no longer groups under pytest ≥ 9.2, whose node ids it cannot rename."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SlurmTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "slurm" if nodeid.startswith(SLURM_TEST_FILES) else nodeid
+
+    return SlurmTogether(config, log)
 
 
 @pytest.fixture(autouse=True)

@@ -121,7 +121,7 @@ def test_bad_statistics_and_shapes_refused() -> None:
         make_encoder("cnn", CIFAR, 0)
 
 
-@pytest.mark.parametrize("name", ["mlp", "cnn", "resnet18"])
+@pytest.mark.parametrize("name", ["mlp", "cnn", pytest.param("resnet18", marks=pytest.mark.slow)])
 def test_the_latent_layer_runs_in_float32_under_bf16_autocast(name):
     """The estimator must see float32 latents, not bf16-rounded ones (CPU autocast stands in for CUDA's)."""
     shape = DIGITS if name != "resnet18" else CIFAR

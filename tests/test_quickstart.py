@@ -59,3 +59,14 @@ def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console(tmp_p
     assert f"{scratch}/" in proc.stdout
     assert "Configuration for experiment" in (scratch / "driver.log").read_text()
     assert list(scratch.glob("logs-*/raylet.out"))
+
+
+def test_ci_runs_the_readme_test_command_and_its_xdist_is_declared():
+    """.ci/run ends with the README's test command, whose plugins (pytest-xdist) the dev extra installs."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Run the tests", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0].strip()
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines() if line.strip()]
+    assert ci[-1] == block, (ci[-1], block)
+    if " -n " in block:
+        pyproject = (REPO / "pyproject.toml").read_text()
+        assert re.search(r'^dev = \[.*"pytest-xdist>=', pyproject, re.M)

@@ -429,6 +429,7 @@ def suite_sweep(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_report_ranks_by_the_worst_case_like_for_like_and_flags_masking(suite_sweep, tmp_path):
     runs = results.load_runs(suite_sweep)
     main = report.robustness_table(runs).frame

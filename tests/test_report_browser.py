@@ -59,6 +59,7 @@ def report_html(tmp_path_factory) -> Path:
     return out / "report.html"
 
 
+@pytest.mark.slow
 def test_report_html_renders_offline_with_every_figure_drawn(browser, report_html):
     page = browser.new_page(viewport={"width": 1280, "height": 900})
     requests = []

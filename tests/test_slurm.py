@@ -19,7 +19,7 @@ from ibbench.config import ConfigError, load_sweep
 from ibbench.launch.slurm import load_cluster
 from ibbench.sweep import OPTUNA_DB, plan
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # conftest: one xdist worker runs them all, first
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -46,19 +46,6 @@ def write_spec(path: Path, **spec) -> Path:
 
 def fingerprint(run_dir: Path) -> dict:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(run_dir.iterdir()) if p.is_file()}
-
-
-def test_array_launcher_runs_to_done_and_a_resubmission_submits_nothing(tmp_path, cluster_file, capsys):
-    spec = write_spec(tmp_path / "arr.yaml", name="arr", base=TINY, grid={"beta": [0.05, 0.5, 0.9]})
-    out = tmp_path / "out"
-    argv = ["sweep", str(spec), "--launcher", "slurm-array", "--cluster", str(cluster_file), "--out", str(out)]
-    assert main([*argv, "--wait"]) == 0
-    text = capsys.readouterr().out
-    assert "submitted 3 runs" in text and "ibbench status" in text and ".slurm" in text
-    planned = plan(load_sweep(spec), out)
-    assert [p.state for p in planned] == ["done"] * 3
-    assert main(argv) == 0
-    assert "nothing to submit" in capsys.readouterr().out
 
 
 def test_allocation_launcher_runs_a_search_sweep_through_ray_and_optuna_in_a_job(tmp_path, cluster_file, capsys):
@@ -112,7 +99,9 @@ def wait_until(ready, what: str, waiter: threading.Thread, timeout: float = 300)
         time.sleep(0.2)
 
 
-def test_a_cancelled_job_is_reported_and_a_resubmission_resumes_it(tmp_path, cluster_file, capsys):
+def test_a_cancelled_job_is_reported_a_resubmission_resumes_it_and_another_submits_nothing(
+    tmp_path, cluster_file, capsys
+):
     cluster_file.write_text(yaml.safe_dump({"partition": "debug", "time_min": 10, "array_parallelism": 1}))
     base = {**TINY, "encoder": "cnn", "latent_dim": 16, "epochs": 40, "eval_every": 10}
     spec_path = write_spec(tmp_path / "cancel.yaml", name="cancel", base=base, grid={"beta": [0.05, 0.5]})
@@ -136,11 +125,15 @@ def test_a_cancelled_job_is_reported_and_a_resubmission_resumes_it(tmp_path, clu
     done_files = fingerprint(first.run_dir)
 
     assert main([*argv, "--wait"]) == 0
-    assert "submitted 1 runs" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert "submitted 1 runs" in text and "ibbench status" in text and ".slurm" in text
     assert fingerprint(first.run_dir) == done_files
     assert results.run_state(second.run_dir) == "done"
     epochs = [row["epoch"] for row in results.read_metrics(second.run_dir)]
     assert epochs == [10, 20, 30, 40]
+    assert main(argv) == 0  # every run done: a third submission submits nothing
+    assert "nothing to submit" in capsys.readouterr().out
+    assert {p.state for p in plan(spec, out)} == {"done"}
 
 
 def test_bad_cluster_files_and_an_unknown_partition_are_one_line_errors(tmp_path, capsys):

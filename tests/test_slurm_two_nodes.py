@@ -25,7 +25,7 @@ from ibbench.config import load_sweep
 from ibbench.launch.slurm import LEDGER, SLURM_DIR, SlurmError, node_address
 from ibbench.sweep import SPEC_FILE, plan
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]  # conftest: one xdist worker runs them all, first
 
 NODES = {"nodeA", "nodeB"}
 # A run with a few eval epochs: long enough to be caught mid-way, short enough for a test.
@@ -242,6 +242,7 @@ def test_fractional_gpus_pack_eight_trials_on_two_declared_gpus(tmp_path):
     summaries = [results.read_summary(p.run_dir) for p in plan(load_sweep(spec_path), out)]
     assert all(s["status"] == "done" and s["device"] == "cpu" for s in summaries)
     assert all(len(s["gpu_ids"]) == 1 and s["gpu_ids"][0] in ("0", "1") for s in summaries), summaries
+    assert all(s["config"]["device"] == "auto" for s in summaries)  # a trial given a GPU keeps device auto
     spans = [(datetime.fromisoformat(s["started"]), datetime.fromisoformat(s["finished"]), s["gpu_ids"][0])
              for s in summaries]  # fmt: skip
 

@@ -128,6 +128,7 @@ def killed_run(script_text: str, cfg: RunConfig, run_dir):
     assert results.run_state(run_dir) == "incomplete"
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     # On the CPU: bitwise equality is promised there only (cuDNN autotuning and atomic adds vary on GPUs).
     cfg = small(epochs=4, device="cpu", checkpoint_every_s=0)  # every epoch checkpointed
@@ -146,6 +147,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     assert rob_a == rob_b
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_periodic_checkpoint_restarts_and_writes_the_same_rows(tmp_path):
     cfg = small(epochs=4, device="cpu", checkpoint_every_s=3600)
     killed_run(KILLED_RUN, cfg, tmp_path / "resumed")  # SIGKILL in epoch 3: rows 1-2 written, nothing checkpointed
@@ -174,6 +176,7 @@ def test_checkpoints_follow_the_interval_and_the_last_epoch_always_checkpoints(t
     assert phases["attack"] >= summary["attack_time"] > 0
 
 
+@pytest.mark.slow
 def test_a_stop_signal_checkpoints_its_epoch_then_reaches_the_previous_handler(tmp_path):
     """SIGUSR2 as SLURM sends it before the time limit, to a handler like submitit's (which would requeue)."""
     run_dir = tmp_path / "r"
@@ -297,6 +300,7 @@ PREEMPTED_IN_ROBUSTNESS = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_run_preempted_during_the_robustness_phase_finishes_without_training_again(tmp_path):
     cfg = small(epochs=2)
     killed_run(PREEMPTED_IN_ROBUSTNESS, cfg, tmp_path / "resumed")
@@ -338,6 +342,7 @@ def test_the_other_ib_objectives_run_the_same_way(tmp_path, objective, beta):
     assert math.isfinite(final["infoplane/i_xz"])
 
 
+@pytest.mark.slow
 def test_vib_without_its_kl_term_learns_like_cross_entropy(tmp_path):
     """β = 0: CE with a stochastic layer; on digits its accuracy is within a few points of plain CE."""
     accuracy = {}
@@ -470,6 +475,7 @@ def test_eot_attacks_the_noisy_model(tmp_path):
     assert set(summary["robustness"]["gmm"]) == {"fgsm", "pgd_margin", "worst"}
 
 
+@pytest.mark.slow
 def test_evaluation_settings_do_not_change_the_training_trajectory(tmp_path):
     """Evaluation has its own random stream: eval_every, the decoders or probe_width leave train/loss as it was."""
     base = dict(epochs=4, device="cpu", fgsm_eps=[0.0])

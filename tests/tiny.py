@@ -9,6 +9,7 @@ TINY_RUN = {
     "batch_size": 100,
     "eval_every": 1,
     "probe_width": 16,
+    "probe_folds": 2,  # the least cross-fitting there is: H[Y|Z] is tested in test_infoplane
     "augment": False,
     "fgsm_eps": [0.0, 0.05],
     # the whole attack suite, on a small budget: these runs test where runs execute, not attack strength

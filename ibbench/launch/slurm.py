@@ -569,6 +569,9 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
     log_dir = root / SLURM_DIR
     live = _live_entries(root)
     active = sorted({rid for entry in live for rid in entry["runs"]})
+    if spec.search is not None and optuna_trial_count(spec, out) >= spec.search.num_samples:
+        # The search has all its trials (its job may still be leaving the queue): a driver would have none to ask.
+        return Submission([], [], log_dir, active)
     if spec.search is not None:
         drivers = [e["job_id"] for e in live if e["kind"] == "allocation"]
         if drivers:  # a second driver would re-ask the live one's trials and mark them failed
@@ -576,8 +579,6 @@ def submit(spec: SweepSpec, out: Path, cluster: ClusterConfig, launcher: str, re
     todo = [p for p in pending_runs(spec, out, retry_failed) if p.run_id not in set(active)]
     if spec.search is None and not todo:
         return Submission([], [], log_dir, active)
-    if spec.search is not None and optuna_trial_count(spec, out) >= spec.search.num_samples:
-        return Submission([], [], log_dir, active)  # the search has all its trials: a driver would have none to ask
     _check_partition(cluster)
     root.mkdir(parents=True, exist_ok=True)
     executor = _executor(spec, out, cluster)
