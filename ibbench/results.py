@@ -90,9 +90,9 @@ def fsync_dir(folder: Path) -> None:
     except OSError:
         return
     try:
-        os.fsync(fd)
-    except OSError:  # some filesystems refuse fsync on a directory (EINVAL); rename is then all they offer
-        pass
+        # Some filesystems refuse fsync on a directory (EINVAL); the rename is then all they offer.
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -255,10 +255,11 @@ class AllocationJob:
         env = _ray_env(single, token)
         # Ray reads these once, at import: the driver's environment is set before ray is imported here. The
         # workers' steps inherit them too.
-        os.environ.update({k: env[k] for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-                           if k in env})  # fmt: skip
-        if "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER" not in env:
-            os.environ.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+        for key in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"):
+            if key in env:
+                os.environ[key] = env[key]
+            else:  # dropped by _ray_env for a multi-node cluster
+                os.environ.pop(key, None)
         import ray
 
         root = sweep_dir(self.spec, Path(self.out))
