@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import importlib.util
 import logging
+import math
 import re
 import shlex
 import sys
@@ -276,8 +277,8 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
     with Live(console=console, refresh_per_second=1) as live:
         polled = time.monotonic()
         while True:
-            if time.monotonic() - polled > 10:
-                # One sacct call for all jobs every 10 s: a job that ended without its result file (killed, or
+            if time.monotonic() - polled > 5:
+                # One sacct call for all jobs every 5 s: a job that ended without its result file (killed, or
                 # failed outside Python) is seen then, not after submitit's own back-off of up to a minute.
                 submission.jobs[0].watcher.update()
                 polled = time.monotonic()
@@ -294,6 +295,9 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
     for job in submission.jobs:
         # An allocation's outcome is its head's (task 0): a worker lost with its node is not the sweep failing.
         head = job.task(0) if job.num_tasks > 1 else job
+        if head.state.startswith("CANCELLED"):
+            # scancel'd jobs write no result file: do not give it submitit's 15 s for a slow filesystem to show it
+            head._results_timeout_s = 1
         error = head.exception()  # None when the job returned; sacct's state can lag behind the result file
         if error is not None:
             bad += 1
@@ -379,7 +383,7 @@ def _run_local_sweep(spec, out: Path, metric: str, mode: str, retry_failed: bool
         elif kind == "result":
             live_state["running"].setdefault(trial, {}).update(payload)
             value = payload.get(metric)
-            if isinstance(value, (int, float)):
+            if isinstance(value, (int, float)) and not math.isnan(value):  # NaN: a failed run's closing result
                 best = live_state["best"]
                 if best is None or (value > best[1] if mode == "max" else value < best[1]):
                     live_state["best"] = (payload.get("run_id", trial), value)

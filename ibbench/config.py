@@ -226,6 +226,7 @@ class RunConfig:
     def _validate_attacks(self, fail: Callable[..., typing.NoReturn]) -> None:
         """The attack fields: known names, positive budgets, a loss the dataset's classes allow."""
         from ibbench.attacks import ATTACKS
+
         DATASETS = _registries()[0]
 
         if not self.attacks:

@@ -25,12 +25,13 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, Any
-
-import pandas as pd
+from typing import IO, TYPE_CHECKING, Any
 
 from ibbench.config import RunConfig
 from ibbench.errors import RunLocked
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["RunLock", "RunLocked", "load_metrics", "load_runs", "run_lock", "run_state"]
 
@@ -264,6 +265,27 @@ def _describe(owner: Mapping[str, Any] | None) -> str:
     return f"pid {owner.get('pid')} on {owner.get('host')}{job}, last heartbeat {owner.get('heartbeat')}"
 
 
+def _restart_count() -> int | None:
+    """This SLURM job's attempt (SLURM_RESTART_COUNT: 0 for the first, +1 per requeue); None outside SLURM."""
+    if not os.environ.get("SLURM_JOB_ID"):
+        return None
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT") or 0)
+    except ValueError:
+        return None
+
+
+def _earlier_attempt_of_this_job(owner: Mapping[str, Any]) -> bool:
+    """Whether a lock's holder ran in an earlier attempt of the SLURM job this process runs in. SLURM starts a
+    requeued job's next attempt only after every process of the previous one has ended (the job leaves
+    COMPLETING first), so such a holder is gone wherever it ran: waiting out stale_s would only delay the resume
+    (by a minute, when the requeued job lands on another node)."""
+    mine, theirs = _restart_count(), owner.get("restart")
+    if mine is None or not isinstance(theirs, int) or str(owner.get("job_id")) != os.environ.get("SLURM_JOB_ID"):
+        return False
+    return theirs < mine
+
+
 def _pid_alive(pid: Any) -> bool:
     try:
         os.kill(int(pid), 0)
@@ -281,8 +303,9 @@ class RunLock:
     holder dies. It may be node-local on cluster filesystems (NFS local_lock, BeeGFS, Lustre localflock) or
     missing (ENOLCK/ENOSYS), so the lock that counts is `.lock.json`, created with O_EXCL and holding the
     holder's host, pid, SLURM job id and a heartbeat that a thread rewrites every heartbeat_s. A waiter takes it
-    over only when it is stale: its holder is a dead pid on this host, or the file has not changed for stale_s of
-    the waiter's own clock (no clock comparison across nodes). `lost` turns true if another process took it over
+    over only when it is stale: its holder is a dead pid on this host, ran in an earlier attempt of the waiter's
+    own SLURM job, or the file has not changed for stale_s of the waiter's own clock (no clock comparison across
+    nodes). `lost` turns true if another process took it over
     (this one was frozen longer than stale_s): the holder must then stop writing into the run directory.
     """
 
@@ -329,6 +352,7 @@ class RunLock:
             "pid": os.getpid(),
             # Read here rather than passed down: train.run is called the same way by every launcher.
             "job_id": os.environ.get("SLURM_JOB_ID"),
+            "restart": _restart_count(),
             "token": self.token,
             "since": self._since,
             "heartbeat": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -358,6 +382,8 @@ class RunLock:
             # A holder on this node holds flock too where flock works: we have it, so that holder is gone.
             if self._flocked or not _pid_alive(owner.get("pid")):
                 return True
+        if owner is not None and _earlier_attempt_of_this_job(owner):
+            return True
         now = time.monotonic()
         seen = self._seen.get(path)
         if seen is None or seen[0] != content:
@@ -512,6 +538,8 @@ def run_row(run_dir: Path) -> dict[str, Any]:
 
 
 def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    import pandas as pd  # here: every trial process imports this module, and only the loaders need pandas (0.5 s)
+
     frame = pd.DataFrame(rows)
     for column in ("decoders", "fgsm_eps"):
         if column in frame:  # lists are unhashable; as tuples they group and compare

@@ -42,9 +42,12 @@ INTERRUPTED = "ibbench_interrupted"  # user attribute of Optuna trials whose dri
 STUDY_SWEEP = "ibbench_sweep"  # study user attributes: what the study searches (base, space, metric, mode) ...
 STUDY_FINGERPRINT = "ibbench_fingerprint"  # ... and its sha256, compared on every rerun
 # Ray Tune restarts a trial whose process or node died (a lost node, an OOM kill) this many times; the run resumes
-# from its checkpoint. A run that failed on its own (summary.json says failed) is never trained again by a restart,
-# which then only costs starting a trial process (Tune cannot tell the two apart): 2, not more.
+# from its checkpoint. A run that failed on its own ends its trial without an error (FAILED below), so Tune,
+# which retries every error, never restarts it only to read the failure back.
 TRIAL_RETRIES = 2
+# A trial's closing result when its run failed on its own (the reason is in summary.json): searchers record the
+# trial as failed, schedulers ignore it, the live view counts it as an error.
+FAILED = "ibbench_failed"
 
 
 # -- the spec as data --------------------------------------------------------------------------------------------
@@ -297,9 +300,9 @@ def _trainable(config: dict[str, Any]) -> None:
     if results.run_state(run_dir) == "failed":
         summary = results.read_summary(run_dir) or {}
         if not (settings["retry_failed"] and _failed_before(summary, settings["since"])):
-            # It failed on its own, in this sweep (Tune restarts trials whose node died, not these) or before
-            # it without --retry-failed: report the reason again rather than train it again.
-            raise train.TrainingFailed(summary.get("reason", "failed"))
+            # It failed on its own before this sweep, without --retry-failed: say so rather than train it again.
+            _report_failed(config, results.run_id(cfg))
+            return
         results.clear_failure(run_dir)
 
     def report(metrics: dict[str, Any]) -> None:
@@ -307,11 +310,26 @@ def _trainable(config: dict[str, Any]) -> None:
 
     # The GPUs Ray gave this trial (it sets CUDA_VISIBLE_DEVICES to them); recorded in summary.json.
     gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-    summary = train.run(trial_device(cfg, gpu_ids), run_dir, report=report, gpu_ids=gpu_ids)
+    try:
+        summary = train.run(trial_device(cfg, gpu_ids), run_dir, report=report, gpu_ids=gpu_ids)
+    except train.TrainingFailed:
+        # Recorded in the run directory with its reason: an error here would have Tune restart the trial (it
+        # retries every error, meant for dead processes and nodes) only to read that failure back.
+        _report_failed(config, results.run_id(cfg))
+        return
     # The trial's last result is what searchers and schedulers read when it completes (Ray's closing result
     # does not always carry the metrics), and a run that was DONE already reported nothing: report the final
     # metrics once more.
     report({**(summary.get("final") or {}), "run_id": results.run_id(cfg)})
+
+
+def _report_failed(config: dict[str, Any], rid: str) -> None:
+    """End a trial whose run failed on its own. Tune insists that a result carry the search's metric: NaN, which
+    no searcher or scheduler here reads as a value (they see FAILED first)."""
+    from ray import tune
+
+    metric = config["_ibbench"].get("metric")
+    tune.report({FAILED: 1, "run_id": rid, **({metric: float("nan")} if metric else {})})
 
 
 def _failed_before(summary: dict[str, Any], since: float) -> bool:
@@ -391,7 +409,7 @@ def _events_callback(on_event: Event):
 
         def on_trial_complete(self, iteration, trials, trial, **info):
             if self.emit:
-                self.emit("complete", {"trial": trial.trial_id})
+                self.emit("error" if (trial.last_result or {}).get(FAILED) else "complete", {"trial": trial.trial_id})
 
         def on_trial_error(self, iteration, trials, trial, **info):
             if self.emit:
@@ -444,6 +462,7 @@ def run_sweep(
         "retry_failed": retry_failed,
         "threads": max(1, int(spec.resources.cpu)),
         "since": time.time(),
+        "metric": spec.search.metric if spec.search is not None else None,
     }
     trainable = tune.with_resources(_trainable, {"cpu": spec.resources.cpu, "gpu": spec.resources.gpu})
     callbacks = [_retries_callback(outcome.retried)]
@@ -482,7 +501,7 @@ def run_sweep(
 
         storage, remaining, existing = _prepare_study(spec, root)
         if remaining:
-            searcher = OptunaSearch(
+            searcher = _failing_optuna(OptunaSearch)(
                 metric=spec.search.metric, mode=spec.search.mode, study_name=spec.name, storage=storage,
                 # The same seed on every invocation would redraw the first invocation's points.
                 seed=(spec.search.seed + existing) % 2**32,
@@ -593,9 +612,27 @@ def _recording_asha(base: type) -> type:
             self.stopped: set[str] = set()  # run ids
 
         def on_trial_result(self, tune_controller, trial, result):
+            if result.get(FAILED):
+                return self.CONTINUE  # the run failed: its trial ends now, with nothing for the rungs
             action = super().on_trial_result(tune_controller, trial, result)
             if action == self.STOP and result.get("run_id"):
                 self.stopped.add(result["run_id"])
             return action
 
+        def on_trial_complete(self, tune_controller, trial, result):
+            if not result.get(FAILED):
+                super().on_trial_complete(tune_controller, trial, result)
+
     return RecordingASHA
+
+
+def _failing_optuna(base: type) -> type:
+    """OptunaSearch that records a trial whose run failed on its own as FAIL, as it would an errored trial."""
+
+    class FailingOptuna(base):
+        def on_trial_complete(self, trial_id, result=None, error=False):
+            if result and result.get(FAILED):
+                result, error = None, True
+            super().on_trial_complete(trial_id, result=result, error=error)
+
+    return FailingOptuna

@@ -18,6 +18,7 @@ import torch
 # threads spin against each other (runs 10-30x slower were seen); results do not depend on it.
 torch.set_num_threads(1)
 
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_tmpdir(tmp_path_factory):
     """A temp folder of the session's own for everything the tests start (Ray's per-sweep temp folders of the

@@ -531,6 +531,31 @@ def test_a_lock_from_another_node_is_taken_over_only_when_its_heartbeat_stops(tm
         assert results.lock_owner(tmp_path)["host"] == socket.gethostname()
 
 
+def test_a_lock_from_an_earlier_attempt_of_the_same_slurm_job_is_taken_over_at_once(tmp_path, monkeypatch):
+    """A requeued job's next attempt starts only once SLURM ended every process of the previous one: a lock that
+    attempt left on another node is gone, not to be waited out. The same attempt's lock (a trial retried after
+    its node was lost, which may yet be alive) and another job's lock still wait for their heartbeat to stop."""
+    path = tmp_path / results.LOCK_FILE
+
+    def left_by(job_id: str, restart) -> None:
+        path.write_text(json.dumps({"host": "node-b", "pid": 1, "job_id": job_id, "restart": restart, "token": "b"}))
+
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for job_id, restart in (("4242", 1), ("4243", 0), ("4242", None)):  # same attempt, another job, no attempt
+        left_by(job_id, restart)
+        with pytest.raises(RunLocked, match="pid 1 on node-b"):
+            with results.run_lock(tmp_path, wait_s=1.0, stale_s=60):
+                pass
+    left_by("4242", 0)
+    started = time.monotonic()
+    with results.run_lock(tmp_path, wait_s=10.0, stale_s=60):
+        assert time.monotonic() - started < 5
+        owner = results.lock_owner(tmp_path)
+        assert (owner["host"], owner["job_id"], owner["restart"]) == (socket.gethostname(), "4242", 1)
+    assert "took over a stale lock (pid 1 on node-b, SLURM job 4242" in (tmp_path / results.RUN_LOG).read_text()
+
+
 def test_a_holder_renews_its_lock_and_notices_when_it_was_taken_over(tmp_path):
     lock = results.RunLock(tmp_path, heartbeat_s=0.05).acquire()
     try:

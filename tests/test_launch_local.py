@@ -37,6 +37,7 @@ def test_the_session_runtime_is_loopback_only_and_refuses_clients_without_its_to
             print("accepted", ray.cluster_resources())
         """
     )
+
     def attempt(env: dict) -> tuple[str, str]:
         try:
             proc = subprocess.run([sys.executable, "-c", intruder], env=env, capture_output=True, text=True,

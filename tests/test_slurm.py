@@ -103,7 +103,7 @@ def test_a_cancelled_job_is_reported_a_resubmission_resumes_it_and_another_submi
     tmp_path, cluster_file, capsys
 ):
     cluster_file.write_text(yaml.safe_dump({"partition": "debug", "time_min": 10, "array_parallelism": 1}))
-    base = {**TINY, "encoder": "cnn", "latent_dim": 16, "epochs": 40, "eval_every": 10}
+    base = {**TINY, "encoder": "cnn", "latent_dim": 16, "epochs": 20, "eval_every": 5}
     spec_path = write_spec(tmp_path / "cancel.yaml", name="cancel", base=base, grid={"beta": [0.05, 0.5]})
     spec = load_sweep(spec_path)
     out = tmp_path / "out"
@@ -130,7 +130,7 @@ def test_a_cancelled_job_is_reported_a_resubmission_resumes_it_and_another_submi
     assert fingerprint(first.run_dir) == done_files
     assert results.run_state(second.run_dir) == "done"
     epochs = [row["epoch"] for row in results.read_metrics(second.run_dir)]
-    assert epochs == [10, 20, 30, 40]
+    assert epochs == [5, 10, 15, 20]
     assert main(argv) == 0  # every run done: a third submission submits nothing
     assert "nothing to submit" in capsys.readouterr().out
     assert {p.state for p in plan(spec, out)} == {"done"}
@@ -165,7 +165,7 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from
     submitit requeues the job."""
     cluster = tmp_path / "cluster.yaml"
     cluster.write_text(yaml.safe_dump({"partition": "debug", "time_min": 10}))
-    base = {**{k: v for k, v in TINY.items() if k != "checkpoint_every_s"}, "epochs": 30, "eval_every": 1}
+    base = {**{k: v for k, v in TINY.items() if k != "checkpoint_every_s"}, "epochs": 30, "eval_every": 3}
     spec_path = write_spec(tmp_path / "rq.yaml", name="rq", base=base, grid={"beta": [0.1]})
     out = tmp_path / "out"
     argv = ["sweep", str(spec_path), "--launcher", "slurm-array", "--cluster", str(cluster), "--out", str(out)]
@@ -173,8 +173,9 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from
     waiter = threading.Thread(target=lambda: codes.append(main([*argv, "--wait"])))
     waiter.start()
     (run,) = plan(load_sweep(spec_path), out)
-    # The explicit point: two evaluated epochs on disk, no checkpoint yet (the default interval is minutes).
-    wait_until(lambda: len(results.read_metrics(run.run_dir)) >= 2, "two epochs of the run", waiter)
+    # The explicit point: two evaluated epochs on disk (6 of 30), no checkpoint yet (the default interval is
+    # minutes).
+    wait_until(lambda: len(results.read_metrics(run.run_dir)) >= 2, "two evaluated epochs of the run", waiter)
     before = results.read_metrics(run.run_dir)
     assert not (run.run_dir / results.CHECKPOINT).exists()
     job = submitted_jobs(out / "rq")[run.run_id]
@@ -187,5 +188,5 @@ def test_a_job_signalled_before_its_time_limit_requeues_itself_and_finishes_from
     run_log = (run.run_dir / results.RUN_LOG).read_text()
     assert "SIGUSR2 received: checkpointed epoch" in run_log and "resumed after epoch" in run_log
     rows = results.read_metrics(run.run_dir)
-    assert [row["epoch"] for row in rows] == list(range(1, 31))  # every epoch once
+    assert [row["epoch"] for row in rows] == list(range(3, 31, 3))  # every evaluated epoch once
     assert rows[0] == before[0]  # the epochs before the signal were kept, not trained again

@@ -1,6 +1,7 @@
 """Sweeps through real Ray Tune and real Optuna: completion, skip on re-run, SIGKILL of the driver, failures."""
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -93,6 +94,9 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
             assert rid in captured.err
     assert "2 done" in captured.out and "2 failed" in captured.out
     assert "before starting" not in captured.out and "before its run started" not in captured.err  # they did start
+    # A run that failed on its own ends its trial without an error: Tune (which retries errors, for dead nodes)
+    # never restarted it, and wrote no error file.
+    assert not list((tmp_path / "out" / "onebad" / ".ray").rglob("error.txt"))
 
     # status: ranked by the sweep's metric, --top cuts the list, failed runs listed with their reasons.
     assert main(["status", str(tmp_path / "out" / "onebad"), "--top", "1"]) == 0
@@ -117,14 +121,14 @@ def test_a_failing_run_is_isolated_and_the_exit_code_says_so(tmp_path, ray_runti
     assert "trained 2, skipped 2" in capsys.readouterr().out
 
 
+def optuna_search(space: dict, num_samples: int, **extra) -> dict:
+    """A search section: Optuna maximising the GMM decoder's validation accuracy over `space`."""
+    return {"algorithm": "optuna", "num_samples": num_samples, "metric": "val_acc/gmm", "mode": "max",
+            "space": space, **extra}  # fmt: skip
+
+
 def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
-    search = {
-        "algorithm": "optuna",
-        "num_samples": 4,
-        "metric": "val_acc/gmm",
-        "mode": "max",
-        "space": {"beta": {"uniform": [0.0, 0.9]}, "k": {"int": [1, 4]}},
-    }
+    search = optuna_search({"beta": {"uniform": [0.0, 0.9]}, "k": {"int": [1, 4]}}, num_samples=4)
     spec_path = write_spec(tmp_path / "opt.yaml", name="opt", base={**TINY_BASE, "epochs": 1}, search=search)
     out = tmp_path / "out"
     run_sweep(load_sweep(spec_path), out)
@@ -143,6 +147,24 @@ def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
     assert main(["status", str(out / "opt")]) == 0
     text = capsys.readouterr().out
     assert f"optuna-dashboard sqlite:///{(out / 'opt' / OPTUNA_DB).resolve()}" in text.replace("\n", "")
+
+
+def test_a_search_trial_whose_run_diverges_is_a_failed_optuna_trial_and_is_not_restarted(tmp_path, ray_runtime, capsys):
+    search = optuna_search({"lr": {"choice": [0.001, 1.0e20]}}, num_samples=2, seed=0)  # seed 0 draws both points
+    base = {**TINY_BASE, "epochs": 1, "noise": False, "fgsm_eps": [0.0]}
+    spec_path = write_spec(tmp_path / "div.yaml", name="div", base=base, search=search)
+    out = tmp_path / "out"
+    assert main(["sweep", str(spec_path), "--out", str(out)]) == 1
+    assert "1 failed" in capsys.readouterr().out
+    study = optuna.load_study(study_name="div", storage=f"sqlite:///{out / 'div' / OPTUNA_DB}")
+    states = {t.params["lr"]: t.state for t in study.trials}
+    runs = {json.loads((d / results.CONFIG).read_text())["lr"]: results.run_state(d)
+            for d in results.iter_run_dirs(out / "div")}  # fmt: skip
+    for lr, state in runs.items():  # Optuna's record of each trial agrees with its run's
+        assert states[lr] == (optuna.trial.TrialState.FAIL if state == "failed" else optuna.trial.TrialState.COMPLETE)
+    assert sorted(runs.values()) == ["done", "failed"]
+    assert not list((out / "div" / ".ray").rglob("error.txt"))
+    assert all(not (t.state == optuna.trial.TrialState.COMPLETE and t.value != t.value) for t in study.trials)
 
 
 def start_sweep(spec_path: Path, out: Path) -> subprocess.Popen:

@@ -258,7 +258,9 @@ MALFORMED = {
         "val_acc/gmm",
     ),
     "search_metric_on_the_test_set": (
-        BASE + SEARCH.replace("}}}", "}}, metric: test_acc/gmm}"), "search.metric", "val_acc/gmm, val_h_y_given_z"
+        BASE + SEARCH.replace("}}}", "}}, metric: test_acc/gmm}"),
+        "search.metric",
+        "val_acc/gmm, val_h_y_given_z",
     ),
     "search_seed_too_large": (BASE + SEARCH.replace("}}}", "}}, seed: 4294967296}"), "search.seed", "4294967295"),
     "baselines_not_a_list": (BASE + "baselines: {objective: ce}\n", "baselines", "[{objective: ce}]"),

@@ -480,8 +480,10 @@ def test_evaluation_settings_do_not_change_the_training_trajectory(tmp_path):
     """Evaluation has its own random stream: eval_every, the decoders or probe_width leave train/loss as it was."""
     base = dict(epochs=4, device="cpu", fgsm_eps=[0.0])
     losses = {}
-    for name, changes in {"a": dict(eval_every=1, probe_width=32), "b": dict(eval_every=2, probe_width=8,
-                                                                           decoders=["gmm", "logreg"])}.items():
+    for name, changes in {
+        "a": dict(eval_every=1, probe_width=32),
+        "b": dict(eval_every=2, probe_width=8, decoders=["gmm", "logreg"]),
+    }.items():
         train.run(small(**base, **changes), tmp_path / name)
         losses[name] = {r["epoch"]: r["train/loss"] for r in results.read_metrics(tmp_path / name)}
     assert set(losses["b"]) == {2, 4} and losses["b"] == {e: losses["a"][e] for e in (2, 4)}

@@ -346,6 +346,10 @@ def run_worker(info: str, nodes: str, cpus: str, gpus: str) -> None:
     temp_dir = ray_temp_dir()
     worker = _ray_start([f"--address={head['address']}", f"--node-ip-address={ip}", *_ray_ports()[0]],
                         _ray_env(False, head["token"]), temp_dir, int(cpus), int(gpus))  # fmt: skip
+    # SLURM ends a step with SIGTERM (a requeue, a cancel, the head stopping its srun): stop this node's Ray at
+    # once, rather than leave it to drain for 30 s outside the step (it runs in its own session) while the job
+    # waits to leave COMPLETING.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         while not (finished := (_read_head(path) or {}).get("finished")) and worker.poll() is None:
             time.sleep(2)
@@ -364,6 +368,10 @@ def _ray_start(args: list[str], env: dict[str, str], temp_dir: str, cpus: int, g
     # time-limit warning (USR2) is for submitit: Ray ignores it and runs on until the job is requeued.
     return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=sys.stdout, stderr=sys.stderr,
                             preexec_fn=_ignore_usr2)  # fmt: skip
+
+
+def _exit_on_sigterm(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
 
 
 def _ignore_usr2() -> None:

@@ -288,7 +288,7 @@ def figure_infoplane(runs: pd.DataFrame, metrics: pd.DataFrame) -> Figure:
             points = rows[[x, y]].apply(pd.to_numeric, errors="coerce").dropna().to_numpy()
             if len(points) == 0:
                 continue
-            rgb = (_color(palette, run) if objective else mcolors.to_rgba(_reference_style(run["objective"])["color"]))
+            rgb = _color(palette, run) if objective else mcolors.to_rgba(_reference_style(run["objective"])["color"])
             rgb = rgb[:3]
             alphas = np.linspace(0.15, 1.0, len(points))
             if len(points) >= 2:

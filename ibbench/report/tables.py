@@ -78,6 +78,7 @@ def unused_fields_of(name: Any) -> tuple[str, ...]:
 
     return unused_fields(name) if _objective(name) is not None else ()
 
+
 NOT_IDENTITY = ("seed", *PLACEMENT_FIELDS)
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RunConfig))
 ALWAYS_SHOWN = ("objective", "beta", "noise", "k")

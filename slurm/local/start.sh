@@ -116,7 +116,7 @@ TaskPlugin=task/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU_Memory
 SchedulerType=sched/backfill
-SchedulerParameters=bf_interval=5
+SchedulerParameters=bf_interval=5,sched_interval=5
 JobAcctGatherType=jobacct_gather/none
 $acct_lines
 JobCompType=jobcomp/none
