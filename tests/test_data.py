@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import torch.nn.functional as F
 
 from ibbench.data import (
     DATASETS,
+    DIGITS_TEST_FRACTION,
     DeviceLoader,
     augment_cifar,
     balanced_batches,
@@ -19,6 +22,7 @@ from ibbench.data import (
     check_batch,
     load_dataset,
     make_synthetic,
+    stratified_split,
 )
 from ibbench.errors import ConfigError
 from ibbench.registry import UnknownNameError
@@ -70,6 +74,27 @@ def test_cifar10_incomplete_folder_refused(cifar10_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------- digits
+
+
+def test_digits_are_scikit_learns_images_and_split_index_for_index_without_importing_it(digits) -> None:
+    """The bundled file read directly and the stratified split redone in numpy (importing scikit-learn cost every
+    trial process 1.5-2 s): the same images, labels and split as scikit-learn's own loader and train_test_split."""
+    code = "import sys\nfrom ibbench.data import load_dataset\nload_dataset('digits', 0)\n"
+    code += "print('sklearn' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout == "False\n"
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sk_load_digits()
+    index = list(range(len(bunch.target)))
+    train, test = train_test_split(index, test_size=DIGITS_TEST_FRACTION, stratify=bunch.target, random_state=0)
+    x = torch.tensor(bunch.data, dtype=torch.float32).div_(16.0).reshape(-1, 1, 8, 8)
+    assert torch.equal(digits.train_x, x[train]) and digits.train_y.tolist() == bunch.target[train].tolist()
+    assert torch.equal(digits.test_x, x[test]) and digits.test_y.tolist() == bunch.target[test].tolist()
+    for seed, fraction in [(0, 0.25), (1, 0.1), (7, 0.33), (42, 0.5)]:  # ties among remainders broken alike
+        ours = stratified_split(bunch.target, fraction, seed)
+        theirs = train_test_split(index, test_size=fraction, stratify=bunch.target, random_state=seed)
+        assert [a.tolist() for a in ours] == [list(a) for a in theirs], (seed, fraction)
 
 
 def test_digits(digits) -> None:
