@@ -291,6 +291,10 @@ def _submit_slurm(spec, out: Path, args: argparse.Namespace) -> int:
             time.sleep(3)
     if not console.is_terminal:
         console.print()  # Live leaves its last frame without a line end when the output is a file or pipe
+    # Returned means over: a job that just ended (cancelled, above all) lingers in the queue while SLURM kills its
+    # processes, and holds its runs against a resubmission until it has left.
+    if not slurm.wait_until_gone(ids):
+        err_console.print("some jobs are still listed by squeue; a resubmission now leaves their runs to them")
     bad = 0
     for job in submission.jobs:
         # An allocation's outcome is its head's (task 0): a worker lost with its node is not the sweep failing.

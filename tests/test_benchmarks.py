@@ -54,7 +54,7 @@ def test_bench_train_step_quick_prints_consistent_ratios():
 def test_bench_gpu_epoch_tiny_on_cpu_prints_a_consistent_ratio(tmp_path):
     out = run_script(
         "bench_gpu_epoch.py",
-        *("--n", "100", "--batch-size", "50", "--device", "cpu", "--warmup", "1", "--workers", "2", "--epochs", "1"),
+        *("--n", "40", "--batch-size", "20", "--device", "cpu", "--warmup", "1", "--workers", "2", "--epochs", "1"),
         *("--data-dir", str(tmp_path)),  # an empty folder: no CIFAR-10 there, so synthetic data
     )
     assert "data: synthetic" in out and "balanced batches" in out
@@ -62,7 +62,7 @@ def test_bench_gpu_epoch_tiny_on_cpu_prints_a_consistent_ratio(tmp_path):
     rates = {m.group(1): float(m.group(2)) for m in re.finditer(rf"^(plain|fast) *:.*?{NUMBER} images/s", out, re.M)}
     assert set(seconds) == set(rates) == {"plain", "fast"}
     for path in seconds:
-        assert rates[path] == pytest.approx(100 / seconds[path], rel=0.01)  # 2 steps of 50 images
+        assert rates[path] == pytest.approx(40 / seconds[path], rel=0.01)  # 2 steps of 20 images
     (ratio,) = re.findall(rf"^ratio plain/fast epoch: {NUMBER}x", out, re.M)
     assert float(ratio) == pytest.approx(seconds["plain"] / seconds["fast"], abs=0.01)
     assert "not meaningful on cpu" in out and math.isfinite(float(ratio))

@@ -527,6 +527,25 @@ def _live_entries(root: Path) -> list[dict[str, Any]]:
     return [e for e in entries if e["job_id"] in alive]
 
 
+def wait_until_gone(job_ids: list[str], timeout_s: float = 120) -> bool:
+    """Block until none of job_ids is listed by squeue any more (a job that ended is COMPLETING for a while: its
+    processes may still be alive, and it still holds its runs against a resubmission); False on timeout."""
+    deadline = time.monotonic() + timeout_s
+    wanted = set(job_ids)
+    while True:
+        try:
+            listed = _slurm(["squeue", "--array", "--noheader", "--format=%i", f"--user={os.getuid()}"],
+                            "cannot tell whether the jobs have left the queue").split()  # fmt: skip
+        except SlurmError as exc:
+            log.warning("%s", exc)
+            return False
+        if wanted.isdisjoint(listed):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(1)
+
+
 def _active_runs(root: Path) -> set[str]:
     """Run ids whose earlier submission is still queued or running (the ledger, checked against squeue)."""
     return {rid for entry in _live_entries(root) for rid in entry["runs"]}
