@@ -76,6 +76,7 @@ def test_cifar10_incomplete_folder_refused(cifar10_dir: Path) -> None:
 # ---------------------------------------------------------------- digits
 
 
+@pytest.mark.slow
 def test_digits_are_scikit_learns_images_and_split_index_for_index_without_importing_it(digits) -> None:
     """The bundled file read directly and the stratified split redone in numpy (importing scikit-learn cost every
     trial process 1.5-2 s): the same images, labels and split as scikit-learn's own loader and train_test_split."""

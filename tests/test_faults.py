@@ -531,6 +531,7 @@ def test_a_lock_from_another_node_is_taken_over_only_when_its_heartbeat_stops(tm
         assert results.lock_owner(tmp_path)["host"] == socket.gethostname()
 
 
+@pytest.mark.slow
 def test_a_lock_from_an_earlier_attempt_of_the_same_slurm_job_is_taken_over_at_once(tmp_path, monkeypatch):
     """A requeued job's next attempt starts only once SLURM ended every process of the previous one: a lock that
     attempt left on another node is gone, not to be waited out. The same attempt's lock (a trial retried after
