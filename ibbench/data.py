@@ -185,8 +185,9 @@ def load_digits(data_dir: str | Path | None, download: bool, seed: int) -> Datas
     del data_dir, download, seed  # bundled with scikit-learn; the split does not depend on the run's seed
     data = np.loadtxt(_sklearn_data_file("digits.csv.gz"), delimiter=",")
     x = torch.tensor(data[:, :-1], dtype=torch.float32).div_(16.0).reshape(-1, 1, 8, 8)
-    y = torch.tensor(data[:, -1].astype(np.int64))
-    train_idx, test_idx = stratified_split(data[:, -1].astype(np.int64), DIGITS_TEST_FRACTION, SPLIT_SEED)
+    labels = data[:, -1].astype(np.int64)
+    y = torch.from_numpy(labels)
+    train_idx, test_idx = stratified_split(labels, DIGITS_TEST_FRACTION, SPLIT_SEED)
     train_idx, test_idx = torch.from_numpy(train_idx), torch.from_numpy(test_idx)
     classes = [str(c) for c in range(10)]
     return _make_dataset("digits", x[train_idx], y[train_idx], x[test_idx], y[test_idx], classes)

@@ -521,10 +521,15 @@ def _live_entries(root: Path) -> list[dict[str, Any]]:
     if not entries:
         return []
     users = sorted({str(e["user"]) for e in entries if e["user"] is not None} | {str(os.getuid())})
-    # One line per array element, for the ledger's users: asking for finished job ids by number makes squeue fail.
-    alive = set(_slurm(["squeue", "--array", "--noheader", "--format=%i", f"--user={','.join(users)}"],
-                       "not submitting: runs still queued or running would be submitted twice").split())  # fmt: skip
+    alive = _listed_jobs(users, "not submitting: runs still queued or running would be submitted twice")
     return [e for e in entries if e["job_id"] in alive]
+
+
+def _listed_jobs(users: list[str], consequence: str) -> set[str]:
+    """Job ids squeue lists for users (queued, running or completing), one per array element; asking for
+    finished job ids by number makes squeue fail, so it is asked by user."""
+    return set(_slurm(["squeue", "--array", "--noheader", "--format=%i", f"--user={','.join(users)}"],
+                      consequence).split())  # fmt: skip
 
 
 def wait_until_gone(job_ids: list[str], timeout_s: float = 120) -> bool:
@@ -534,8 +539,7 @@ def wait_until_gone(job_ids: list[str], timeout_s: float = 120) -> bool:
     wanted = set(job_ids)
     while True:
         try:
-            listed = _slurm(["squeue", "--array", "--noheader", "--format=%i", f"--user={os.getuid()}"],
-                            "cannot tell whether the jobs have left the queue").split()  # fmt: skip
+            listed = _listed_jobs([str(os.getuid())], "cannot tell whether the jobs have left the queue")
         except SlurmError as exc:
             log.warning("%s", exc)
             return False
