@@ -86,7 +86,7 @@ def resnet_share(images: int, steps: int, quick: bool) -> None:
     )
     if quick:
         base = base.replace(apgd_steps=5, square_queries=20, pgd_steps=3, fgsm_eps=[0.0, 8 / 255])
-    data = make_synthetic(shape=(3, 32, 32), n_train=2 * batch if quick else max(4 * batch, 200),
+    data = make_synthetic(shape=(3, 32, 32), n_train=batch if quick else max(4 * batch, 200),
                           n_test=max(images, 20), seed=0)  # fmt: skip
     splits_x, splits_y = data.train_x, data.train_y
     settings = train.attack_settings(base)
@@ -126,7 +126,8 @@ def resnet_share(images: int, steps: int, quick: bool) -> None:
             with torch.no_grad():
                 net(x)
 
-        t_fb, t_f = _per_image(fwd_bwd, images), _per_image(fwd, images)
+        repeats = 1 if quick else 3
+        t_fb, t_f = _per_image(fwd_bwd, images, repeats), _per_image(fwd, images, repeats)
         radii = sum(1 for e in cfg.fgsm_eps if e > 0)
         n_fb = _gradient_steps(settings)
         n_f = settings.square_queries + len(settings.attacks) + 1
@@ -163,13 +164,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, as a quickstart trial)")
-    parser.add_argument("--images", type=int, help="ResNet18 test images attacked (default 8; 2 with --quick)")
+    parser.add_argument("--images", type=int, help="ResNet18 test images attacked (default 8; 1 with --quick)")
     parser.add_argument("--steps", type=int, help="ResNet18 timed training epochs (default 3; 1 with --quick)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s)" + (", --quick" if args.quick else ""))
     quickstart_share(args.quick)
-    resnet_share(args.images or (2 if args.quick else 8), args.steps or (1 if args.quick else 3), args.quick)
+    resnet_share(args.images or (1 if args.quick else 8), args.steps or (1 if args.quick else 3), args.quick)
     return 0
 
 

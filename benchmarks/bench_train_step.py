@@ -104,12 +104,13 @@ def compare_step(
     steps: int,
     repeats: int,
     objectives: tuple[str, ...] = ("ib",),
+    warmup: bool = True,
 ) -> dict[str, float]:
     """Median seconds per step of each objective and of ce, timed in rotating chunks; prints each ratio to ce."""
     names = ("ce", *objectives)
     trainers = {name: Trainer(base.replace(objective=name, beta=OBJECTIVE_BETA[name], noise=None), data, device)
                 for name in names}  # fmt: skip
-    for trainer in trainers.values():  # warm-up: allocator, first-call overheads, cudnn autotune
+    for trainer in trainers.values() if warmup else ():  # warm-up: allocator, first-call overheads, cudnn autotune
         trainer.steps(max(1, min(steps, 2)))
     per_step: dict[str, list[float]] = {name: [] for name in trainers}
     pair_ratios: dict[str, list[float]] = {name: [] for name in objectives}
@@ -228,11 +229,13 @@ def main() -> int:
     cifar = make_synthetic(shape=(3, 32, 32), n_train=n_cifar, n_test=max(100, batch), seed=0)
     resnet = RunConfig.from_dict(dict(dataset="synthetic", encoder="resnet18", **common))
     objectives = tuple(args.objectives.split(","))
-    compare_step(f"[resnet18, 3x32x32, batch {batch}]", resnet, cifar, device, args.steps or 1, repeats, objectives)
+    warmup = not args.quick  # --quick: a smoke test of the code path, its first steps' overheads included
+    compare_step(f"[resnet18, 3x32x32, batch {batch}]", resnet, cifar, device, args.steps or 1, repeats, objectives,
+                 warmup)  # fmt: skip
     digits = load_dataset("digits")
     cnn = RunConfig.from_dict(dict(dataset="digits", encoder="cnn", **common))
     cnn_steps = args.steps or (2 if args.quick else 20)
-    compare_step(f"[cnn, digits 1x8x8, batch {batch}]", cnn, digits, device, cnn_steps, repeats, objectives)
+    compare_step(f"[cnn, digits 1x8x8, batch {batch}]", cnn, digits, device, cnn_steps, repeats, objectives, warmup)
 
     # Evaluation: the RunConfig defaults (decoders, probe_width, k, latent 256) on digits with the cnn; batch 100
     # (13 steps per epoch over digits' 1347 training images), the size the repository's digits configs use.

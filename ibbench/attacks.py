@@ -14,9 +14,13 @@ as robust at ε only if it is classified correctly clean and under every attack 
 from __future__ import annotations
 
 import contextlib
+import importlib
+import importlib.util
 import io
 import logging
 import math
+import sys
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -183,6 +187,30 @@ def _torchattacks_context(model: nn.Module, x: torch.Tensor) -> Iterator[None]:
         yield
 
 
+_TORCHATTACKS = "_ibbench_torchattacks"  # torchattacks' files, loaded under a name of our own
+
+
+def _torchattacks_class(module: str, name: str) -> type:
+    """torchattacks' attack class `name` from torchattacks/attacks/<module>.py, without the package's __init__.
+
+    That __init__ imports all of its ~40 attacks, and TIFGSM's scipy.stats costs ~1.3 s of CPU in every process
+    that attacks (each sweep trial). The files are loaded under a private package name, so a `torchattacks` that
+    the user imports is the whole package, untouched; where it is imported already, its own class is used.
+    """
+    if "torchattacks" in sys.modules:
+        return getattr(sys.modules["torchattacks"], name)
+    if _TORCHATTACKS not in sys.modules:
+        spec = importlib.util.find_spec("torchattacks")
+        if spec is None or not spec.submodule_search_locations:
+            raise ImportError("torchattacks is not installed (a dependency of ibbench: pip install torchattacks)")
+        roots = list(spec.submodule_search_locations)
+        for package, paths in ((_TORCHATTACKS, roots), (f"{_TORCHATTACKS}.attacks", [f"{r}/attacks" for r in roots])):
+            stub = types.ModuleType(package)
+            stub.__path__ = paths  # a package whose submodules are found, its __init__ never run
+            sys.modules[package] = stub
+    return getattr(importlib.import_module(f"{_TORCHATTACKS}.attacks.{module}"), name)
+
+
 def _check_image(x: torch.Tensor, name: str) -> None:
     if x.dim() != 4 or min(x.shape[2:]) < 2:
         raise ValueError(f"{name} needs images (N, C, H, W) with H, W ≥ 2, got shape {tuple(x.shape)}")
@@ -202,14 +230,12 @@ def apgd(
 
     Images it cannot fool come back unchanged. Seeded by `seed`; the caller's global RNG state is untouched.
     """
-    import torchattacks
-
     _check(x, y, eps)
     _check_image(x, "apgd")
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
     with _torchattacks_context(model, x):
-        attack = torchattacks.APGD(
+        attack = _torchattacks_class("apgd", "APGD")(
             model, norm="Linf", eps=eps, steps=steps, n_restarts=restarts, seed=seed, loss=loss, eot_iter=1
         )
         attack.set_device(x.device)
@@ -226,14 +252,12 @@ def square(
     seed: int = 0,
 ) -> torch.Tensor:
     """Square attack (torchattacks.Square, L∞, margin loss): gradient-free random search with `queries` queries."""
-    import torchattacks
-
     _check(x, y, eps)
     _check_image(x, "square")
     if eps == 0 or x.shape[0] == 0:
         return x.detach().clone()
     with _torchattacks_context(model, x), torch.no_grad():
-        attack = torchattacks.Square(
+        attack = _torchattacks_class("square", "Square")(
             model, norm="Linf", eps=eps, n_queries=queries, n_restarts=restarts, loss="margin", seed=seed
         )
         attack.set_device(x.device)

@@ -350,6 +350,29 @@ def test_torchattacks_leave_the_global_rng_and_module_modes_alone():
         apgd(model, x.flatten(1), y, 0.1)
 
 
+def test_apgd_and_square_are_torchattacks_own_without_the_package_imported():
+    """A process that attacks loads torchattacks' APGD and Square files alone (not its __init__, whose TIFGSM
+    imports scipy.stats), and they attack exactly as `torchattacks.APGD` and `torchattacks.Square` do."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\nfrom torch import nn\nfrom ibbench.attacks import apgd, square\n"
+        "torch.manual_seed(0)\nmodel = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))\n"
+        "x, y = torch.rand(10, 1, 3, 4), torch.randint(0, 3, (10,))\n"
+        "a, b = apgd(model, x, y, 0.2, 'ce', steps=5, seed=1), square(model, x, y, 0.2, queries=20, seed=1)\n"
+        "before = [m for m in ('torchattacks', 'scipy') if m in sys.modules]\n"
+        "import torchattacks\n"
+        "with torch.random.fork_rng():\n"
+        "    ta = torchattacks.APGD(model.eval(), norm='Linf', eps=0.2, steps=5, seed=1, loss='ce', eot_iter=1)(x, y)\n"
+        "    tb = torchattacks.Square(model, norm='Linf', eps=0.2, n_queries=20, loss='margin', seed=1)(x, y)\n"
+        "print(before, torch.equal(a, ta), torch.equal(b, tb), bool((a != x).any()))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[] True True True"
+
+
 def test_masking_diagnostics_flag_a_stronger_black_box_attack():
     curves = {
         "fgsm": {0.0: 0.9, 0.1: 0.8, 0.2: 0.04},

@@ -1,7 +1,9 @@
-"""The README's main job, run as a new user would: the quickstart sweep itself, with a console that is ibbench's own."""
+"""The README's main job, run as a new user would: the quickstart sweep itself, with a console that is ibbench's own,
+then `ibbench report` on what it wrote (end to end, not on a committed snapshot)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -10,6 +12,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 
 from ibbench import results
@@ -24,7 +28,7 @@ RAY_NOISE = ("Configuration for experiment", "View detailed results", "tensorboa
 
 
 @pytest.mark.slow
-def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console(tmp_path):
+def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console_and_reports_every_number(tmp_path):
     readme = (REPO / "README.md").read_text()
     (command,) = set(re.findall(r"ibbench sweep (sweeps/quickstart\.yaml)\b", readme.split("Run the tests")[0]))
     # A temp folder of its own (short: Ray's socket paths below it are limited to 107 bytes), to see what is left.
@@ -59,6 +63,63 @@ def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console(tmp_p
     assert f"{scratch}/" in proc.stdout
     assert "Configuration for experiment" in (scratch / "driver.log").read_text()
     assert list(scratch.glob("logs-*/raylet.out"))
+
+    # Reported as a user would, the report's numbers are those the runs wrote: a metric renamed in train.py or the
+    # report leaves a "–" (NaN) in a measured column, or a mean that no longer matches, and fails here.
+    report = tmp_path / "report"
+    proc = subprocess.run([str(IBBENCH), "report", str(tmp_path / "quickstart"), "--out", str(report)], env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    _check_the_report(report, _raw_runs(tmp_path / "quickstart"))
+
+
+def _raw_runs(root: Path) -> list[dict]:
+    """config, summary and metrics of every run folder, read with json alone (no ibbench)."""
+    return [
+        {
+            "config": json.loads((d / "config.json").read_text()),
+            "summary": json.loads((d / "summary.json").read_text()),
+            "metrics": [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()],
+        }
+        for d in sorted(root.iterdir())
+        if (d / "config.json").exists()
+    ]
+
+
+def _check_the_report(out: Path, raw: list[dict]) -> None:
+    tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("accuracy", "robustness", "infoplane")}
+    for name, table in tables.items():
+        numbers = [c for c in table.columns if f"{c}_se" in table.columns]  # the measured columns
+        assert numbers and not table[numbers].isna().any().any(), (name, table)
+    # Each number is the mean over the two seeds of what the runs wrote; IB grouped by β'' and noise.
+    groups: dict[tuple, list[dict]] = {}
+    for run in raw:
+        c = run["config"]
+        key = (c["objective"], c["beta"], c["noise"]) if c["objective"] == "ib" else ("ce",)
+        groups.setdefault(key, []).append(run)
+    assert sorted(map(len, groups.values())) == [2] * 7
+    accuracy, infoplane = tables["accuracy"], tables["infoplane"]
+    for key, runs in groups.items():
+        if key[0] == "ce":
+            row = accuracy[(accuracy["objective"] == "ce") & (accuracy["decoder"] == "head")]
+            expected = np.mean([r["summary"]["final"]["test_acc/head"] for r in runs])
+            assert len(row) == 1 and row["test_acc"].iloc[0] == pytest.approx(expected, abs=1e-12)
+            continue
+        _, beta, noise = key
+
+        def same(t: pd.DataFrame, beta=beta, noise=noise) -> pd.Series:
+            return (t["objective"] == "ib") & np.isclose(t["beta"].astype(float), beta) & (t["noise"] == noise)
+
+        row = accuracy[same(accuracy) & (accuracy["decoder"] == "gmm")]
+        assert len(row) == 1 and row["n"].iloc[0] == 2, (key, accuracy)
+        expected = np.mean([r["summary"]["final"]["test_acc/gmm"] for r in runs])
+        assert row["test_acc"].iloc[0] == pytest.approx(expected, abs=1e-12)
+        (row,) = [r for _, r in infoplane[same(infoplane)].iterrows()]
+        assert row["final_i_xz"] == pytest.approx(np.mean([r["metrics"][-1]["infoplane/i_xz"] for r in runs]))
+        # The best epoch is the validation's choice (lowest val H[Y|Z]), its values the test set's at that epoch.
+        picks = [min(r["metrics"], key=lambda m: m["val_h_y_given_z"]) for r in runs]
+        assert row["best_epoch"] == pytest.approx(np.mean([m["epoch"] for m in picks]))
+        assert row["best_h_y_given_z"] == pytest.approx(np.mean([m["infoplane/h_y_given_z"] for m in picks]))
 
 
 def test_ci_runs_the_readme_test_command_and_its_xdist_is_declared():

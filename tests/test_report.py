@@ -331,57 +331,7 @@ def test_cli_report_errors_on_an_empty_folder(tmp_path, capsys):
     assert cli.main(["report", str(tmp_path / "missing")]) == 2
 
 
-@pytest.mark.slow
-def test_a_fresh_tiny_sweep_reports_every_number_it_measured(tmp_path, ray_runtime):
-    """End to end, not on the committed snapshot: a metric renamed in train.py leaves a "–" here and fails."""
-    import yaml
-    from tiny import TINY_RUN
-
-    from ibbench.config import load_sweep
-    from ibbench.sweep import run_sweep
-
-    spec_path = tmp_path / "e2e.yaml"
-    spec_path.write_text(yaml.safe_dump({
-        "name": "e2e", "base": {**TINY_RUN, "epochs": 2}, "grid": {"beta": [0.05, 0.5], "seed": [0, 1]},
-        "baselines": [{"objective": "ce", "noise": False}], "resources": {"cpu": 1},
-    }))  # fmt: skip
-    outcome = run_sweep(load_sweep(spec_path), tmp_path / "out")
-    assert outcome.ok and len(outcome.states) == 6
-    root = tmp_path / "out" / "e2e"
-    out = tmp_path / "report"
-    assert cli.main(["report", str(root), "--out", str(out)]) == 0
-
-    raw = _raw_runs(root)
-    tables = {name: pd.read_csv(out / f"{name}.csv") for name in ("accuracy", "robustness", "infoplane")}
-    for name in ("accuracy", "robustness", "infoplane"):
-        numbers = [c for c in tables[name].columns if f"{c}_se" in tables[name].columns]  # the measured columns
-        assert numbers and not tables[name][numbers].isna().any().any(), (name, tables[name])
-    # Each number is the mean over seeds of what the runs wrote.
-    accuracy = tables["accuracy"]
-    for run in raw:
-        if run["config"]["objective"] != "ib":
-            continue
-        same = [r for r in raw if r["config"]["objective"] == "ib" and r["config"]["beta"] == run["config"]["beta"]]
-        row = accuracy[(accuracy["objective"] == "ib") & np.isclose(accuracy["beta"].astype(float),
-                                                                     run["config"]["beta"])]  # fmt: skip
-        row = row[row["decoder"] == "gmm"]
-        assert len(row) == 1 and row["n"].iloc[0] == 2
-        expected = np.mean([r["summary"]["final"]["test_acc/gmm"] for r in same])
-        assert row["test_acc"].iloc[0] == pytest.approx(expected, abs=1e-12)
-    ce = accuracy[(accuracy["objective"] == "ce") & (accuracy["decoder"] == "head")]
-    ce_runs = [r for r in raw if r["config"]["objective"] == "ce"]
-    assert ce["test_acc"].iloc[0] == pytest.approx(np.mean([r["summary"]["final"]["test_acc/head"] for r in ce_runs]))
-    infoplane = tables["infoplane"]
-    ib = infoplane[infoplane["objective"] == "ib"].sort_values("beta")
-    for (_, row), beta in zip(ib.iterrows(), (0.05, 0.5), strict=True):
-        finals = [r["metrics"][-1]["infoplane/i_xz"] for r in raw if r["config"].get("beta") == beta
-                  and r["config"]["objective"] == "ib"]  # fmt: skip
-        assert row["final_i_xz"] == pytest.approx(np.mean(finals), abs=1e-9)
-        # The best epoch is the validation's choice (lowest val H[Y|Z]), its values the test set's at that epoch.
-        picks = [min(r["metrics"], key=lambda m: m["val_h_y_given_z"]) for r in raw if r["config"].get("beta") == beta
-                 and r["config"]["objective"] == "ib"]  # fmt: skip
-        assert row["best_epoch"] == pytest.approx(np.mean([m["epoch"] for m in picks]))
-        assert row["best_h_y_given_z"] == pytest.approx(np.mean([m["infoplane/h_y_given_z"] for m in picks]))
+# End to end (a fresh sweep, then `ibbench report` on it): the README quickstart's test, test_quickstart.py.
 
 
 SUITE_RUN = {

@@ -128,21 +128,21 @@ def optuna_search(space: dict, num_samples: int, **extra) -> dict:
 
 
 def test_optuna_study_persists_and_tops_up(tmp_path, ray_runtime, capsys):
-    search = optuna_search({"beta": {"uniform": [0.0, 0.9]}, "k": {"int": [1, 4]}}, num_samples=4)
+    search = optuna_search({"beta": {"uniform": [0.0, 0.9]}, "k": {"int": [1, 4]}}, num_samples=2)
     spec_path = write_spec(tmp_path / "opt.yaml", name="opt", base={**TINY_BASE, "epochs": 1}, search=search)
     out = tmp_path / "out"
     run_sweep(load_sweep(spec_path), out)
     storage = optuna.storages.RDBStorage(f"sqlite:///{out / 'opt' / OPTUNA_DB}")
     study = optuna.load_study(study_name="opt", storage=storage)
-    assert len(study.trials) == 4
+    assert len(study.trials) == 2
     assert all(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials)
-    assert len([d for d in (out / "opt").iterdir() if (d / "DONE").exists()]) == 4
+    assert len([d for d in (out / "opt").iterdir() if (d / "DONE").exists()]) == 2
 
-    search["num_samples"] = 6
+    search["num_samples"] = 3
     write_spec(spec_path, name="opt", base={**TINY_BASE, "epochs": 1}, search=search)
     outcome = run_sweep(load_sweep(spec_path), out)
     study = optuna.load_study(study_name="opt", storage=storage)
-    assert len(study.trials) == 6 and len(outcome.trained) == 2
+    assert len(study.trials) == 3 and len(outcome.trained) == 1
     assert 0.0 <= study.best_value <= 1.0
     assert main(["status", str(out / "opt")]) == 0
     text = capsys.readouterr().out
