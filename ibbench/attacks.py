@@ -208,7 +208,12 @@ def _torchattacks_class(module: str, name: str) -> type:
             stub = types.ModuleType(package)
             stub.__path__ = paths  # a package whose submodules are found, its __init__ never run
             sys.modules[package] = stub
-    return getattr(importlib.import_module(f"{_TORCHATTACKS}.attacks.{module}"), name)
+    try:
+        return getattr(importlib.import_module(f"{_TORCHATTACKS}.attacks.{module}"), name)
+    except (ImportError, AttributeError):  # a release that moved its files: the whole package, as it is meant
+        import torchattacks
+
+        return getattr(torchattacks, name)
 
 
 def _check_image(x: torch.Tensor, name: str) -> None:
