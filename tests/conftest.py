@@ -46,12 +46,14 @@ SLURM_TEST_FILES = ("tests/test_slurm.py::", "tests/test_slurm_two_nodes.py::")
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
 def pytest_collection_modifyitems(config, items):
     """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so. SLURM tests come
-    first: they wait on the scheduler most of their time, the longest path through the suite."""
+    first: they wait on the scheduler most of their time, the longest path through the suite. Then the slow tests,
+    then the quick ones: two xdist workers finish together when the last tests handed out are short (longest
+    first), instead of one worker idling while the other runs a minute-long test it drew last."""
     skip = pytest.mark.skip(reason="needs a CUDA device (run with `pytest -m cuda` where one is)")
     for item in items:
         if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
             item.add_marker(skip)
-    items.sort(key=lambda item: not item.nodeid.startswith(SLURM_TEST_FILES))
+    items.sort(key=lambda item: (not item.nodeid.startswith(SLURM_TEST_FILES), item.get_closest_marker("slow") is None))
 
 
 @pytest.hookimpl(optionalhook=True)

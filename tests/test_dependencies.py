@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from tiny import TINY_RUN
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,8 +39,7 @@ def test_the_report_and_a_run_work_on_the_declared_numpy_floor(tmp_path):
         from ibbench import report, train
         from ibbench.config import RunConfig
         report.write_report({str(REPO / "tests/fixtures/report_sweep")!r}, {str(tmp_path / "report")!r})
-        cfg = RunConfig.from_dict(dict(dataset="digits", encoder="mlp", latent_dim=8, k=3, epochs=1, batch_size=100,
-                                       probe_width=16, fgsm_eps=[0.0, 0.05]))
+        cfg = RunConfig.from_dict({ {**TINY_RUN, "epochs": 1}!r})
         print(train.run(cfg, {str(tmp_path / "run")!r})["status"])
         """
     )

@@ -412,6 +412,7 @@ def test_report_ranks_by_the_worst_case_like_for_like_and_flags_masking(suite_sw
     assert "apgd_dlr" in md and "Square" in md
 
 
+@pytest.mark.slow  # suite_sweep trains four runs
 def test_figure_one_has_a_panel_per_decoder_family(suite_sweep):
     runs = results.load_runs(suite_sweep)
     fig = report.figure_robustness(runs)
