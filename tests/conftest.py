@@ -41,6 +41,9 @@ def _private_tmpdir(tmp_path_factory):
 
 # Test files that submit to the local SLURM: under pytest-xdist one worker runs them all, in order, and first.
 SLURM_TEST_FILES = ("tests/test_slurm.py::", "tests/test_slurm_two_nodes.py::")
+# Test files whose module-scoped fixtures cost seconds (a trained sweep, a written report): one worker runs each
+# file whole, so that its fixtures are built once, not once per worker.
+SHARED_FIXTURE_FILES = ("tests/test_report.py::", "tests/test_report_browser.py::")
 
 
 @pytest.hookimpl(trylast=True)  # after pytest's own reordering by fixture scope
@@ -59,15 +62,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`-n 2 --dist loadgroup` (the README's command): every SLURM test on one worker, in file order (they share one
-    local cluster, whose CPUs some need free); every other test scheduled on its own. xdist's own loadgroup
-    (xdist_group markers) no longer groups under pytest ≥ 9.2, whose node ids it cannot rename."""
+    local cluster, whose CPUs some need free); each file of SHARED_FIXTURE_FILES on one worker; every other test
+    scheduled on its own. xdist's own loadgroup (xdist_group markers) no longer groups under pytest ≥ 9.2, whose
+    node ids it cannot rename."""
     if config.getvalue("dist") != "loadgroup":
         return None
     from xdist.scheduler import LoadScopeScheduling
 
     class SlurmTogether(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
-            return "slurm" if nodeid.startswith(SLURM_TEST_FILES) else nodeid
+            if nodeid.startswith(SLURM_TEST_FILES):
+                return "slurm"
+            return nodeid.split("::", 1)[0] if nodeid.startswith(SHARED_FIXTURE_FILES) else nodeid
 
     return SlurmTogether(config, log)
 
