@@ -50,8 +50,8 @@ SHARED_FIXTURE_FILES = ("tests/test_report.py::", "tests/test_report_browser.py:
 def pytest_collection_modifyitems(config, items):
     """Tests marked cuda compare CUDA against the CPU; without a CUDA device they skip, saying so. SLURM tests come
     first: they wait on the scheduler most of their time, the longest path through the suite. Then the slow tests,
-    then the quick ones: two xdist workers finish together when the last tests handed out are short (longest
-    first), instead of one worker idling while the other runs a minute-long test it drew last."""
+    then the quick ones: the xdist workers finish together when the last tests handed out are short (longest
+    first), instead of one worker idling while another runs a minute-long test it drew last."""
     skip = pytest.mark.skip(reason="needs a CUDA device (run with `pytest -m cuda` where one is)")
     for item in items:
         if item.get_closest_marker("cuda") is not None and not torch.cuda.is_available():
@@ -61,7 +61,7 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
-    """`-n 2 --dist loadgroup` (the README's command): every SLURM test on one worker, in file order (they share one
+    """`-n 3 --dist loadgroup` (the README's command): every SLURM test on one worker, in file order (they share one
     local cluster, whose CPUs some need free); each file of SHARED_FIXTURE_FILES on one worker; every other test
     scheduled on its own. xdist's own loadgroup (xdist_group markers) no longer groups under pytest ≥ 9.2, whose
     node ids it cannot rename."""

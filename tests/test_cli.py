@@ -154,6 +154,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.slow
 def test_tiny_run_then_done_already(tmp_path: Path, capsys, monkeypatch, one_thread):
     out = tmp_path / "out"
     assert main(["run", *TINY, "--out", str(out)]) == 0

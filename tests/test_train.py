@@ -43,6 +43,7 @@ def small(**changes) -> RunConfig:
     return RunConfig.from_dict({**SMALL, **changes})
 
 
+@pytest.mark.slow
 def test_ib_run_writes_the_whole_run_directory(tmp_path):
     cfg = small(epochs=3, decoders=["gmm", "logreg"])
     summary = train.run(cfg, tmp_path / "r")
@@ -65,6 +66,7 @@ def test_ib_run_writes_the_whole_run_directory(tmp_path):
     assert {"torch", "python", "ibbench"} <= set(on_disk["versions"]) and on_disk["wall_time"] > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["ce", "ce_dropconnect"])
 def test_cross_entropy_baselines_run_the_same_way(tmp_path, objective):
     cfg = small(objective=objective, epochs=2, lr=3e-3)
@@ -162,6 +164,7 @@ def test_a_run_killed_before_its_first_periodic_checkpoint_restarts_and_writes_t
         assert {k: v for k, v in a.items() if k != "time"} == {k: v for k, v in b.items() if k != "time"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("every, expected", [(3600, [False, False, False]), (0, [False, True, True])])
 def test_checkpoints_follow_the_interval_and_the_last_epoch_always_checkpoints(tmp_path, every, expected):
     run_dir = tmp_path / "r"
