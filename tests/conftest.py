@@ -69,13 +69,13 @@ def pytest_xdist_make_scheduler(config, log):
         return None
     from xdist.scheduler import LoadScopeScheduling
 
-    class SlurmTogether(LoadScopeScheduling):
+    class GroupedScopes(LoadScopeScheduling):
         def _split_scope(self, nodeid: str) -> str:
             if nodeid.startswith(SLURM_TEST_FILES):
                 return "slurm"
             return nodeid.split("::", 1)[0] if nodeid.startswith(SHARED_FIXTURE_FILES) else nodeid
 
-    return SlurmTogether(config, log)
+    return GroupedScopes(config, log)
 
 
 @pytest.fixture(autouse=True)

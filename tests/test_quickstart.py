@@ -3,7 +3,6 @@ then `ibbench report` on what it wrote (end to end, not on a committed snapshot)
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from run_files import raw_runs
 
 from ibbench import results
 from ibbench.config import load_sweep
@@ -70,20 +70,7 @@ def test_the_readme_quickstart_sweep_runs_with_only_ibbench_on_the_console_and_r
     proc = subprocess.run([str(IBBENCH), "report", str(tmp_path / "quickstart"), "--out", str(report)], env=env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    _check_the_report(report, _raw_runs(tmp_path / "quickstart"))
-
-
-def _raw_runs(root: Path) -> list[dict]:
-    """config, summary and metrics of every run folder, read with json alone (no ibbench)."""
-    return [
-        {
-            "config": json.loads((d / "config.json").read_text()),
-            "summary": json.loads((d / "summary.json").read_text()),
-            "metrics": [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()],
-        }
-        for d in sorted(root.iterdir())
-        if (d / "config.json").exists()
-    ]
+    _check_the_report(report, raw_runs(tmp_path / "quickstart"))
 
 
 def _check_the_report(out: Path, raw: list[dict]) -> None:

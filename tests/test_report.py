@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from run_files import raw_runs
 
 from ibbench import cli, report, results, train
 from ibbench.config import RunConfig
@@ -29,21 +30,6 @@ ANALYSIS = Path(__file__).resolve().parent.parent / "analysis"
 TABLES = ("accuracy", "robustness", "robustness_attacks", "masking", "infoplane", "unfinished")
 FIGURES = {"fig1_robustness": (800, 500), "fig2_infoplane": (1200, 500), "fig3_generalization": (800, 500)}
 BASELINES = ("ce", "ce_dropconnect")
-
-
-def _raw_runs(root: Path = FIXTURE) -> list[dict]:
-    """config, summary and metrics of every run folder, read with json alone (no ibbench)."""
-    runs = []
-    for folder in sorted(p for p in root.iterdir() if (p / "config.json").exists()):
-        runs.append(
-            {
-                "run_id": folder.name,
-                "config": json.loads((folder / "config.json").read_text()),
-                "summary": json.loads((folder / "summary.json").read_text()),
-                "metrics": [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()],
-            }
-        )
-    return runs
 
 
 def _key(config: dict) -> tuple:
@@ -74,12 +60,12 @@ def test_fixture_is_small_and_clean():
     files = [p for p in FIXTURE.rglob("*") if p.is_file()]
     assert sum(p.stat().st_size for p in files) < 400_000
     assert not [p for p in files if p.name in ("checkpoint.pt", ".lock") or ".ray" in p.parts]
-    assert len(_raw_runs()) == 12
+    assert len(raw_runs(FIXTURE)) == 12
 
 
 def test_accuracy_table_equals_pandas():
     rows = []
-    for run in _raw_runs():
+    for run in raw_runs(FIXTURE):
         final = run["summary"]["final"]
         for decoder in ("gmm", "logreg", "head"):
             if f"test_acc/{decoder}" in final:
@@ -106,7 +92,7 @@ def test_accuracy_table_equals_pandas():
 def test_robustness_tables_equal_pandas_on_old_runs():
     """The fixture's runs predate the attack suite: FGSM only; the worst case shows as missing, never invented."""
     rows = []
-    for run in _raw_runs():
+    for run in raw_runs(FIXTURE):
         for decoder, attacks in run["summary"]["robustness"].items():
             curve = attacks["fgsm"]
             xs = np.array(sorted(float(e) for e in curve))
@@ -146,7 +132,7 @@ def test_robustness_tables_equal_pandas_on_old_runs():
 def test_infoplane_table_equals_pandas():
     """The fixture predates the validation split: its best epochs are unknown ("–"), never chosen by the test set."""
     rows = []
-    for run in _raw_runs():
+    for run in raw_runs(FIXTURE):
         m = pd.DataFrame(run["metrics"]).sort_values("epoch")
         assert "val_h_y_given_z" not in m
         final = m.iloc[-1]
